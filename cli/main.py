@@ -1,0 +1,39 @@
+"""`lbr`: the lbr-ray command line. Each command parses its options and calls lbr_ray; no logic here."""
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from lbr_ray.errors import LbrError, find_lbr_error
+
+app = typer.Typer(
+    name="lbr",
+    help="Train and evaluate Learn-Before-Represent (LBR) domain embedding models on Ray.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+from cli import train as _train  # noqa: E402  (commands register themselves on `app`)
+
+_train.register(app)
+
+
+def main() -> None:
+    """Console entry point: an LbrError becomes one line on stderr and exit code 2 (LBR_DEBUG=1: traceback)."""
+    try:
+        app()
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001
+        err = find_lbr_error(exc)
+        if err is None or os.environ.get("LBR_DEBUG") == "1":
+            raise
+        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

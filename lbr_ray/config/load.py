@@ -1,0 +1,181 @@
+"""YAML + `a.b=c` overrides -> typed LbrConfig, with every problem reported at once."""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lbr_ray.config.schema import CHOICES, LbrConfig
+from lbr_ray.errors import ConfigError
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> LbrConfig:
+    """Read a YAML config (or the defaults when `path` is None) and apply `key=value` overrides."""
+    raw: dict[str, Any] = {}
+    source = str(path) if path else None
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{p}:{mark.line + 1}" if mark else str(p)
+            raise ConfigError(f"{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: the top level must be a mapping")
+    for item in overrides or []:
+        _apply_override(raw, item)
+    problems: list[str] = []
+    cfg = _build(LbrConfig, raw, "", problems)
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def config_from_dict(raw: dict) -> LbrConfig:
+    """Rebuild a config from `to_dict` output (workers get plain dicts, never globals)."""
+    problems: list[str] = []
+    cfg = _build(LbrConfig, raw, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg) -> str:
+    return yaml.safe_dump(_plain(to_dict(cfg)), sort_keys=False)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    Path(path).write_text(to_yaml(cfg))
+
+
+def replace(cfg: LbrConfig, **sections) -> LbrConfig:
+    """Return a copy with fields of sections replaced, e.g. replace(cfg, run={"output": "x"})."""
+    return dataclasses.replace(
+        cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()}
+    )
+
+
+def validate(cfg: LbrConfig) -> list[str]:
+    problems = []
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            problems.append(f"{key}={value!r} is not one of {list(allowed)}")
+    b = cfg.bottleneck
+    if b.k is None and (b.ratio is None or b.ratio <= 0):
+        problems.append(f"bottleneck.ratio (R) must be > 0, got {b.ratio}")
+    if b.k is not None and b.k < 1:
+        problems.append(f"bottleneck.k must be >= 1, got {b.k}")
+    if not 1 <= b.k_min <= b.k_max:
+        problems.append(f"need 1 <= bottleneck.k_min <= bottleneck.k_max, got {b.k_min}, {b.k_max}")
+    if b.k is not None and b.k > b.k_max:
+        problems.append(f"bottleneck.k={b.k} exceeds bottleneck.k_max={b.k_max}")
+    for stage in ("ib_gl", "gr_cl"):
+        s = getattr(cfg, stage)
+        for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(s, name) < 1:
+                problems.append(f"{stage}.{name} must be >= 1, got {getattr(s, name)}")
+        if s.lr <= 0:
+            problems.append(f"{stage}.lr must be > 0, got {s.lr}")
+    if cfg.gr_cl.temperature <= 0:
+        problems.append(f"gr_cl.temperature must be > 0, got {cfg.gr_cl.temperature}")
+    if cfg.scaling.num_workers < 1:
+        problems.append(f"scaling.num_workers must be >= 1, got {cfg.scaling.num_workers}")
+    if cfg.data.max_input_tokens < 1 or cfg.data.max_target_tokens < 1:
+        problems.append("data.max_input_tokens and data.max_target_tokens must be >= 1")
+    return problems
+
+
+def _apply_override(raw: dict, item: str) -> None:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. gr_cl.temperature=0.05)")
+    key, value = item.split("=", 1)
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {item!r}: {part} is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        node[parts[-1]] = value
+
+
+def _build(cls, raw: Any, prefix: str, problems: list[str]):
+    if not isinstance(raw, dict):
+        problems.append(f"{prefix.rstrip('.') or 'config'} must be a mapping, got {type(raw).__name__}")
+        return cls()
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            problems.append(f"unknown key {prefix}{key} (known: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name in fields & raw.keys():
+        value, hint = raw[name], hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, f"{prefix}{name}.", problems)
+        else:
+            ok, converted = _coerce(value, hint)
+            if ok:
+                kwargs[name] = converted
+            else:
+                problems.append(f"{prefix}{name}={value!r} should be {_type_name(hint)}")
+    return cls(**kwargs)
+
+
+def _coerce(value, hint) -> tuple[bool, Any]:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            ok, v = _coerce(value, arg)
+            if ok:
+                return True, v
+        return False, None
+    if hint is type(None):
+        return value is None, None
+    if origin is tuple:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        out = []
+        for item in items:
+            ok, v = _coerce(item, args[0])
+            if not ok:
+                return False, None
+            out.append(v)
+        return True, tuple(out)
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return ok, float(value) if ok else None
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is str:
+        return isinstance(value, str), value
+    return True, value
+
+
+def _type_name(hint) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj

@@ -1,0 +1,129 @@
+"""Typed run configuration: frozen dataclasses, one per concern, loaded from YAML (see load.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "lbr_ray/assets/tiny-llama"  # HF hub name or local path (config.json + tokenizer, weights optional)
+    from_scratch: bool = False  # build random weights from the config (tiny test/demo models)
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    attn_backend: str = "dense"  # dense | flex | kv_split: how the IB mask is applied
+    lora: bool = True  # LoRA via peft (plus trainable bottleneck rows); False = full fine-tuning
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    gradient_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class BottleneckConfig:
+    ratio: float | None = 500.0  # R: k = clamp(ceil(n_input_tokens / R), k_min, k_max)
+    k: int | None = None  # fixed k (overrides ratio)
+    k_min: int = 1
+    k_max: int = 16
+    sink: bool = True  # target tokens may see the sink token at position 0
+    pooling: str = "last"  # last | mean over the bottleneck states
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    modulus: int = 10  # bucket = int(sha1(query)[:8], 16) % modulus
+    test_buckets: tuple[int, ...] = (0,)
+    dev_buckets: tuple[int, ...] = (1,)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    pairs: tuple[str, ...] = ("data/demo/medical/pairs.jsonl.gz",)  # files, directories or globs
+    corpus: tuple[str, ...] = ("data/demo/medical/corpus.jsonl.gz",)
+    max_input_tokens: int = 128
+    max_target_tokens: int = 128
+    on_bad_record: str = "error"  # error | skip (skipped records are counted in the run summary)
+    types: tuple[str, ...] = ()  # keep only these pair types (empty = all)
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    lr: float = 1e-4
+    warmup_steps: int = 10
+    max_steps: int = 100
+    batch_size: int = 8  # per worker micro-batch
+    grad_accum: int = 1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    log_every: int = 5
+    checkpoint_every: int = 50
+    epochs: int = 1000  # upper bound; max_steps normally ends the stage
+
+
+@dataclass(frozen=True)
+class IBGLConfig(StageConfig):
+    target: str = "self"  # self | continuation | pair
+    alpha: float = 0.0  # weight of the plain LM loss on the input tokens
+    mask: bool = True  # False = plain causal LM on the text (the gl-cl ablation)
+    use_corpus: bool = True  # train on corpus passages as well as on the training pairs' texts
+
+
+@dataclass(frozen=True)
+class GRCLConfig(StageConfig):
+    lr: float = 5e-5
+    temperature: float = 0.02
+    symmetric: bool = False
+    hard_negatives: int = 0  # negatives per query taken from the pairs' `negatives` field
+    gather: bool = True  # gather positives across workers (negatives grow with workers)
+    gen_weight: float = 0.0  # lambda for the IB loss on query -> positive
+    eval_every: int = 50  # dev R@10 every N steps (0 = only at the end)
+    eval_queries: int = 200  # dev queries for the in-training R@10
+    eval_corpus: int = 2000  # distractor passages added to the dev positives
+    collapse_std: float = 1e-3  # warn when the embedding std falls below this
+    collapse_cos: float = 0.95  # ... or the mean pairwise cosine rises above this
+
+
+@dataclass(frozen=True)
+class DeepSpeedConfig:
+    zero_stage: int = 2  # 0 | 1 | 2 | 3
+    bf16: bool = False
+    offload_optimizer: bool = False
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output: str = "runs/demo"
+    seed: int = 0
+    variant: str = "lbr"  # lbr | gl-cl | cl
+    self_check: bool = True  # compare the mask backend with the dense reference before training
+    resume: bool = False
+    tensorboard: bool = True
+
+
+@dataclass(frozen=True)
+class LbrConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ib_gl: IBGLConfig = field(default_factory=IBGLConfig)
+    gr_cl: GRCLConfig = field(default_factory=GRCLConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+CHOICES = {
+    "model.dtype": ("float32", "bfloat16", "float16"),
+    "model.attn_backend": ("dense", "flex", "kv_split"),
+    "bottleneck.pooling": ("last", "mean"),
+    "data.on_bad_record": ("error", "skip"),
+    "ib_gl.target": ("self", "continuation", "pair"),
+    "deepspeed.zero_stage": (0, 1, 2, 3),
+    "run.variant": ("lbr", "gl-cl", "cl"),
+}

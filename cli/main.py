@@ -19,6 +19,8 @@ app = typer.Typer(
 from cli import train as _train  # noqa: E402  (commands register themselves on `app`)
 
 _train.register(app)
+from cli import cluster as _cluster; _cluster.register(app)  # noqa: E402,E702
+from cli import eval as _eval; _eval.register(app)  # noqa: E402,E702
 
 
 def main() -> None:

@@ -44,8 +44,9 @@ def find_lbr_error(exc: BaseException) -> LbrError | None:
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, LbrError):
-            return e
+        if isinstance(e, LbrError):  # Ray's RayTaskError(DataError) subclasses the error: prefer its clean cause
+            cause = getattr(e, "cause", None)
+            return cause if isinstance(cause, LbrError) else e
         stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
         failures = getattr(e, "worker_failures", None) or {}
         stack += list(failures.values()) if isinstance(failures, dict) else list(failures)

@@ -92,6 +92,9 @@ def validate(cfg: LbrConfig) -> list[str]:
             problems.append(f"{stage}.lr must be > 0, got {s.lr}")
     if cfg.gr_cl.temperature <= 0:
         problems.append(f"gr_cl.temperature must be > 0, got {cfg.gr_cl.temperature}")
+    if cfg.model.attn_backend == "flex" and not cfg.scaling.use_gpu:
+        problems.append("model.attn_backend=flex trains only on GPU (FlexAttention has no CPU backward); "
+                        "use dense or kv_split on CPU")
     if cfg.scaling.num_workers < 1:
         problems.append(f"scaling.num_workers must be >= 1, got {cfg.scaling.num_workers}")
     if cfg.data.max_input_tokens < 1 or cfg.data.max_target_tokens < 1:

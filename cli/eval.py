@@ -1,0 +1,103 @@
+"""`lbr eval`: retrieval metrics of a model or a baseline on the domains' test splits (parse -> options -> lbr_ray)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.options import AddressOpt
+
+EXAMPLES = """Examples:
+
+  lbr eval --model runs/medical/model --domains medical,biology      # train on medical, test held-out biology
+
+  lbr eval --baseline bm25 --domains medical,chemistry,code,biology --output runs/eval-bm25
+
+  lbr eval --baseline minilm --index IVF256,Flat --index-params nprobe=16 --num-workers 2
+
+  lbr eval --baseline base --model lbr_ray/assets/tiny-llama --from-scratch --max-queries 100 --max-corpus 1000
+"""
+
+Panel = "Speed and scale"
+
+
+def eval_command(
+    model: Annotated[Optional[str], typer.Option(help="Trained lbr-ray model folder (lbr_ray.json) or a "
+                                                 "sentence-transformers folder; with --baseline base, an HF causal LM.",
+                                                 show_default=False)] = None,
+    domains: Annotated[str, typer.Option(help="Comma-separated domain folders under --data-root.")]
+        = "medical,chemistry,code,biology",
+    data_root: Annotated[Optional[str], typer.Option(help="Folder of <domain>/pairs*.jsonl.gz (+ corpus*). Default: "
+                                                     "../shared/data if present, else the bundled data/demo.",
+                                                     show_default=False)] = None,
+    baseline: Annotated[Optional[str], typer.Option(help="bm25 | minilm | base instead of a trained model.",
+                                                    show_default=False)] = None,
+    from_scratch: Annotated[bool, typer.Option(help="--baseline base: random weights from the model's config "
+                                               "(seeded; for tiny test models).")] = False,
+    index: Annotated[str, typer.Option(help="FAISS factory string (Flat, IVF256,Flat, HNSW32, ...) or exact.",
+                                       rich_help_panel=Panel)] = "Flat",
+    index_params: Annotated[str, typer.Option(help="FAISS search parameters, e.g. nprobe=16 or efSearch=128.",
+                                              rich_help_panel=Panel)] = "",
+    num_workers: Annotated[int, typer.Option("--num-workers", "-n", help="Encoder actors and search shards "
+                                             "(0 = in this process, no Ray).", rich_help_panel=Panel)] = 2,
+    batch_size: Annotated[int, typer.Option(help="Texts per encoder forward pass.", rich_help_panel=Panel)] = 64,
+    max_queries: Annotated[Optional[int], typer.Option(help="Cap the queries per domain (deterministic sample).",
+                                                       rich_help_panel=Panel, show_default=False)] = None,
+    max_corpus: Annotated[Optional[int], typer.Option(help="Cap the corpus per domain (positives are kept).",
+                                                      rich_help_panel=Panel, show_default=False)] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Truncate texts to this many tokens (minilm/base).",
+                                                      rich_help_panel=Panel, show_default=False)] = None,
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Embedding cache (default ~/.cache/lbr-ray/embeddings "
+                                                      "or $LBR_CACHE/embeddings).", show_default=False)] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for report.{md,json,csv,png}.")]
+        = Path("runs/eval"),
+    gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Use GPUs (default: when Ray sees any).",
+                                                show_default=False)] = None,
+    address: AddressOpt = None,
+) -> None:
+    """Evaluate retrieval (R@10, NDCG@10, MRR@10, R@100) per domain and pair type; write reports.
+
+    Each domain's test queries rank its test positives plus its corpus passages. Passages are embedded by a Ray Data
+    actor pool (cached by model and corpus hash) and searched in sharded FAISS indexes in parallel Ray actors.
+    """
+    from lbr_ray.errors import ConfigError
+    from lbr_ray.eval.baselines import BASELINES, BM25Retriever, base_ref, minilm_ref
+    from lbr_ray.eval.encode import load_encoder
+    from lbr_ray.eval.evaluator import EvalOptions, RetrievalEvaluator, default_cache_dir, resolve_data_root
+    from lbr_ray.eval.report import write_reports
+
+    problems = []
+    if baseline is not None and baseline not in BASELINES:
+        problems.append(f"--baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
+    if baseline in (None, "base") and not model:
+        problems.append("--model is required (or pass --baseline bm25|minilm)")
+    if num_workers < 0 or batch_size < 1:
+        problems.append("--num-workers must be >= 0 and --batch-size >= 1")
+    if (max_queries is not None and max_queries < 1) or (max_corpus is not None and max_corpus < 1):
+        problems.append("--max-queries and --max-corpus must be >= 1")
+    names = tuple(d.strip() for d in domains.split(",") if d.strip())
+    if not names:
+        problems.append("--domains is empty")
+    if problems:
+        raise ConfigError(problems, "options")
+    opts = EvalOptions(domains=names, data_root=resolve_data_root(data_root), index=index, index_params=index_params,
+                       num_workers=num_workers, batch_size=batch_size, max_queries=max_queries,
+                       max_corpus=max_corpus, cache_dir=str(cache_dir or default_cache_dir()), use_gpu=gpu,
+                       address=address)
+    if baseline == "bm25":
+        method, name = BM25Retriever(threads=max(num_workers, 1)), "bm25"
+    elif baseline == "minilm":
+        method, name = minilm_ref(max_length), "minilm (all-MiniLM-L6-v2)"
+    elif baseline == "base":
+        method, name = base_ref(model, from_scratch, max_length=max_length or 256), f"base {model}"
+    else:
+        method, name = load_encoder(model, **({"max_length": max_length} if max_length else {})), str(model)
+    typer.echo(f"lbr eval: {name} on {', '.join(names)} from {opts.data_root}")
+    results = RetrievalEvaluator(opts, log=typer.echo).evaluate(method, name)
+    paths = write_reports(results, output)
+    typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval", epilog=EXAMPLES, no_args_is_help=False)(eval_command)

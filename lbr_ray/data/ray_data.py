@@ -1,0 +1,165 @@
+"""Ray Data pipelines: read + validate shards -> split -> tokenize on CPU (class UDF) -> datasets for Ray Train.
+
+Nothing here materialises the data in the driver: `summarize` streams once over the records to fail fast with
+file:line errors, count what each split holds and collect the keys of held-out positives (kept out of stage 1).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+import ray
+
+from lbr_ray.config.schema import LbrConfig
+from lbr_ray.data.readers import iter_raw, resolve_paths
+from lbr_ray.data.schema import CHECKS
+from lbr_ray.data.split import split_of, text_key
+from lbr_ray.errors import DataError
+
+EMPTY = {"pairs": {"query": "", "positive": "", "negatives": [], "type": "", "source": ""},
+         "corpus": {"id": "", "text": "", "title": "", "source": ""}}
+
+
+class _ReadFile:
+    """flat_map UDF: one file -> its checked records; bad ones raise (error) or become `_error` rows (skip)."""
+
+    def __init__(self, kind: str, on_bad: str):
+        self.kind, self.on_bad, self.check = kind, on_bad, CHECKS[kind]
+
+    def __call__(self, item: dict):
+        path = item["path"]
+        for line, obj in iter_raw(path):
+            err = obj if isinstance(obj, DataError) else None
+            if err is None:
+                try:
+                    yield {**self.check(obj), "_file": path, "_line": line, "_error": ""}
+                    continue
+                except ValueError as e:
+                    err = DataError(path, line, f"bad {self.kind} record: {e}")
+            if self.on_bad == "error":
+                raise err
+            yield {**EMPTY[self.kind], "_file": path, "_line": line, "_error": err.reason}
+
+
+def read_records(specs, kind: str, on_bad: str = "error") -> ray.data.Dataset:
+    """All records of `specs` (files, folders, globs) with `_file`, `_line` and `_error` columns."""
+    files = resolve_paths(specs, kind)
+    items = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
+    return items.flat_map(_ReadFile(kind, on_bad))
+
+
+def _keep_split(split: str, split_cfg, types: tuple[str, ...]):
+    def keep(row) -> bool:
+        return not row["_error"] and split_of(row["query"], split_cfg) == split and (not types or row["type"] in types)
+
+    return keep
+
+
+def pairs(cfg: LbrConfig, split: str) -> ray.data.Dataset:
+    return read_records(cfg.data.pairs, "pairs", cfg.data.on_bad_record).filter(
+        _keep_split(split, cfg.data.split, cfg.data.types))
+
+
+@dataclass
+class DataSummary:
+    """What one streaming pass over the inputs found."""
+
+    pairs_by_split: Counter = field(default_factory=Counter)
+    corpus: int = 0
+    bad_by_file: Counter = field(default_factory=Counter)
+    bad_examples: list[str] = field(default_factory=list)
+    heldout_keys: set[str] = field(default_factory=set)  # text keys of dev/test positives
+
+    @property
+    def bad(self) -> int:
+        return sum(self.bad_by_file.values())
+
+    def lines(self) -> list[str]:
+        out = [f"pairs: {dict(self.pairs_by_split)}; corpus passages: {self.corpus}"]
+        if self.bad:
+            out.append(f"skipped {self.bad} bad records: " + ", ".join(f"{f}: {n}" for f, n in self.bad_by_file.items()))
+            out += [f"  e.g. {e}" for e in self.bad_examples]
+        return out
+
+
+def summarize(cfg: LbrConfig, with_corpus: bool = True) -> DataSummary:
+    """Stream over pairs (and corpus) once: raise on the first bad record (default) or count skips."""
+    summary = DataSummary()
+    split_cfg = cfg.data.split
+
+    def digest(batch: dict) -> dict:  # per row: its split and, for dev/test rows, the positive's text key
+        splits = [split_of(q, split_cfg) if not e else "" for q, e in zip(batch["query"], batch["_error"])]
+        held = [text_key(p) if s in ("dev", "test") else "" for p, s in zip(batch["positive"], splits)]
+        return {"split": splits, "held": held, "_file": batch["_file"], "_line": batch["_line"],
+                "_error": batch["_error"]}
+
+    for row in read_records(cfg.data.pairs, "pairs", cfg.data.on_bad_record).map_batches(digest).iter_rows():
+        if not _tally(summary, row):
+            summary.pairs_by_split[row["split"]] += 1
+        if row["held"]:
+            summary.heldout_keys.add(row["held"])
+    if with_corpus and cfg.data.corpus:
+        cols = ["_file", "_line", "_error"]
+        for row in read_records(cfg.data.corpus, "corpus", cfg.data.on_bad_record).select_columns(cols).iter_rows():
+            if not _tally(summary, row):
+                summary.corpus += 1
+    return summary
+
+
+def _tally(summary: DataSummary, row: dict) -> bool:
+    if not row["_error"]:
+        return False
+    summary.bad_by_file[row["_file"]] += 1
+    if len(summary.bad_examples) < 5:
+        summary.bad_examples.append(f"{row['_file']}:{row['_line']}: {row['_error']}")
+    return True
+
+
+def stage1_texts(cfg: LbrConfig, heldout_keys: set[str]) -> ray.data.Dataset:
+    """Texts for IB-GL `self`/`continuation`: training pairs' queries and positives, plus corpus passages that are
+    not dev/test positives (so no evaluation target is seen in stage 1)."""
+    train = pairs(cfg, "train").flat_map(lambda r: [{"text": r["query"]}, {"text": r["positive"]}])
+    if not (cfg.ib_gl.use_corpus and cfg.data.corpus):
+        return train
+    corpus = read_records(cfg.data.corpus, "corpus", cfg.data.on_bad_record)
+    corpus = corpus.filter(lambda r: not r["_error"] and text_key(r["text"]) not in heldout_keys)
+    return train.union(corpus.select_columns(["text"]))
+
+
+class TokenizeStage1:
+    """Class UDF (one tokenizer per actor): texts or (query, positive) -> `ib_ids`, `ib_seg` rows."""
+
+    def __init__(self, cfg_dict: dict):
+        from lbr_ray.config import config_from_dict
+        from lbr_ray.data.tokenize import SequenceBuilder
+        from lbr_ray.model.bottleneck import load_tokenizer
+
+        cfg = config_from_dict(cfg_dict)
+        self.ib, self.target = cfg.ib_gl.mask and cfg.run.variant != "gl-cl", cfg.ib_gl.target
+        tok = load_tokenizer(cfg.model.name, cfg.bottleneck.k_max)
+        self.builder = SequenceBuilder(tok, cfg.bottleneck, cfg.data.max_input_tokens, cfg.data.max_target_tokens)
+
+    def __call__(self, batch: dict) -> dict:
+        if self.target == "pair":
+            rows = self.builder.pair_rows(list(batch["query"]), list(batch["positive"]), ib=self.ib)
+        else:
+            rows = self.builder.stage1_rows(list(batch["text"]), self.target, self.ib)
+        return _columns("ib", rows)
+
+
+def _columns(prefix: str, rows) -> dict:
+    return {f"{prefix}_ids": np.array([np.asarray(r[0], dtype=np.int64) for r in rows] + [None], dtype=object)[:-1],
+            f"{prefix}_seg": np.array([np.asarray(r[1], dtype=np.int8) for r in rows] + [None], dtype=object)[:-1]}
+
+
+def stage1_dataset(cfg: LbrConfig, heldout_keys: set[str]) -> ray.data.Dataset:
+    source = pairs(cfg, "train") if cfg.ib_gl.target == "pair" else stage1_texts(cfg, heldout_keys)
+    return source.map_batches(TokenizeStage1, fn_constructor_args=(_plain(cfg),), batch_size=256,
+                              concurrency=1, num_cpus=0.5)
+
+
+def _plain(cfg: LbrConfig) -> dict:
+    from lbr_ray.config import to_dict
+
+    return to_dict(cfg)

@@ -1,0 +1,277 @@
+"""Encoders and cached, distributed encoding: a Ray Data actor pool writes embeddings as `.npy` shards.
+
+An encoder is any object with `encode(texts, batch_size) -> float32 [N, D]` (L2-normalised) and a stable
+`fingerprint`. Workers never receive a model: they receive an `EncoderRef` (a small picklable recipe) and load it.
+The cache folder `<cache_dir>/<role>-<sha1(fingerprint, texts)[:20]>/` holds `part-*.npy` ([n, D] float32) with
+`part-*.rows.npy` (the rows of the input they hold) and `manifest.json`, written last: a folder with a manifest is
+complete, and re-encoding the same texts with the same model reads it instead of encoding anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from lbr_ray.errors import LbrError
+
+BIG_FILE = 256 << 20  # files above this are fingerprinted by size + first/last 4 MiB instead of full contents
+
+
+class EncoderError(LbrError):
+    """A model cannot be loaded as an encoder, or it returned embeddings of the wrong shape."""
+
+
+@runtime_checkable
+class Encoder(Protocol):
+    fingerprint: str
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        """float32 [N, D], rows L2-normalised."""
+
+
+def normalise(emb: Any, n: int, where: str) -> np.ndarray:
+    """Check an encoder's output is [n, D] and return it as float32 with unit rows."""
+    if hasattr(emb, "detach"):
+        emb = emb.detach().float().cpu().numpy()
+    emb = np.asarray(emb, dtype=np.float32)
+    if emb.ndim != 2 or emb.shape[0] != n:
+        raise EncoderError(f"{where}: the encoder returned shape {emb.shape} for {n} texts; expected [{n}, D]")
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    return emb / np.maximum(norms, 1e-12)
+
+
+def fingerprint_path(path: str | Path, extra: str = "") -> str:
+    """sha1 over every file under `path` (relative name, size, contents; big files: size + head + tail)."""
+    path = Path(path)
+    files = sorted(p for p in (path.rglob("*") if path.is_dir() else [path]) if p.is_file())
+    h = hashlib.sha1(extra.encode())
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(path) if path.is_dir() else f.name}:{size}".encode())
+        with open(f, "rb") as fh:
+            if size <= BIG_FILE:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            else:
+                h.update(fh.read(4 << 20))
+                fh.seek(size - (4 << 20))
+                h.update(fh.read())
+    return h.hexdigest()
+
+
+class SentenceTransformerEncoder:
+    """A sentence-transformers folder (modules.json), loaded offline."""
+
+    def __init__(self, path: str, device: str | None = None, max_length: int | None = None):
+        from sentence_transformers import SentenceTransformer
+
+        self.model = SentenceTransformer(str(path), device=device, local_files_only=True)
+        if max_length:
+            self.model.max_seq_length = max_length
+        self.fingerprint = fingerprint_path(path, f"st:{max_length}")
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        emb = self.model.encode(list(texts), batch_size=batch_size, normalize_embeddings=True,
+                                convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(emb, dtype=np.float32)
+
+
+def model_kind(path: str | Path) -> str:
+    """'lbr' (folder with lbr_ray.json), 'st' (modules.json); anything else raises EncoderError."""
+    p = Path(path)
+    if p.is_dir() and (p / "lbr_ray.json").is_file():
+        return "lbr"
+    if p.is_dir() and (p / "modules.json").is_file():
+        return "st"
+    why = "does not exist" if not p.exists() else "has neither lbr_ray.json nor modules.json"
+    raise EncoderError(f"{path} is not an lbr-ray or sentence-transformers model ({why}); pass a folder saved by "
+                       "`lbr train` / sentence-transformers, or use --baseline bm25|minilm|base")
+
+
+@dataclass(frozen=True)
+class EncoderRef:
+    """What a worker needs to load an encoder: kind in lbr | st | base | object, a path, options."""
+
+    kind: str
+    path: str = ""
+    options: tuple = ()  # sorted (key, value) pairs, e.g. (("from_scratch", True), ("seed", 0))
+    obj: Any = field(default=None, compare=False)  # kind="object": an encoder shipped to workers by pickling
+
+    @property
+    def fingerprint(self) -> str:
+        if self.kind == "object":
+            return str(self.obj.fingerprint)
+        opts = json.dumps(self.options, sort_keys=True, default=str)
+        return hashlib.sha1(f"{self.kind}:{fingerprint_path(self.path, opts)}".encode()).hexdigest()
+
+    def load(self, device: str | None = None) -> Encoder:
+        opts = dict(self.options)
+        if self.kind == "object":
+            return self.obj
+        if self.kind == "st":
+            return SentenceTransformerEncoder(self.path, device=device, **opts)
+        if self.kind == "base":
+            from lbr_ray.eval.baselines import CausalLMEncoder
+
+            return CausalLMEncoder(self.path, device=device, **opts)
+        if self.kind == "lbr":
+            from lbr_ray.model.encoder import Encoder as LbrEncoder  # written by the GR-CL stage (issue 4)
+
+            enc = LbrEncoder.from_pretrained(self.path)
+            if not getattr(enc, "fingerprint", None):
+                enc.fingerprint = self.fingerprint
+            return enc
+        raise EncoderError(f"unknown encoder kind {self.kind!r}")
+
+
+def load_encoder(path_or_name: str | Path, **options) -> EncoderRef:
+    """An EncoderRef for a trained lbr-ray model folder (lbr_ray.json) or a sentence-transformers folder."""
+    return EncoderRef(model_kind(path_or_name), str(path_or_name), tuple(sorted(options.items())))
+
+
+def object_ref(encoder: Encoder) -> EncoderRef:
+    """Wrap an in-memory encoder (pickled to each worker)."""
+    if not hasattr(encoder, "encode") or not getattr(encoder, "fingerprint", None):
+        raise EncoderError("an encoder needs encode(texts, batch_size) and a non-empty `fingerprint`")
+    return EncoderRef("object", obj=encoder)
+
+
+class EncodeUDF:
+    """Ray Data callable class: each actor of the pool loads the encoder once and embeds batches of rows."""
+
+    def __init__(self, ref: EncoderRef, batch_size: int, role: str, threads: int = 0):
+        if threads:
+            import torch
+
+            torch.set_num_threads(threads)
+        device = "cuda" if _cuda_visible() else None
+        self.encoder, self.batch_size, self.role = ref.load(device=device), batch_size, role
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        texts = [str(t) for t in batch["text"]]
+        return {"row": batch["row"], "emb": encode_role(self.encoder, texts, self.batch_size, self.role)}
+
+
+def encode_role(encoder: Encoder, texts: list[str], batch_size: int, role: str) -> np.ndarray:
+    """Queries use `encode_queries` where the encoder has one (instructions, prefixes), passages `encode`."""
+    fn = getattr(encoder, "encode_queries", None) if role == "query" else None
+    return normalise((fn or encoder.encode)(texts, batch_size=batch_size), len(texts), f"encoding {role} texts")
+
+
+def _cuda_visible() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@dataclass
+class Encoded:
+    """A complete cache folder: shards of [n_i, D] embeddings and the input rows each holds."""
+
+    folder: Path
+    n: int
+    dim: int
+    parts: list[str]
+    encoded: int  # texts encoded by this call (0 = everything came from the cache)
+    seconds: float = 0.0
+
+    def load(self) -> np.ndarray:
+        """All embeddings in input order, [n, dim]."""
+        out = np.empty((self.n, self.dim), dtype=np.float32)
+        for emb, rows in self.shards():
+            out[rows] = emb
+        return out
+
+    def shards(self):
+        for part in self.parts:
+            yield np.load(self.folder / f"{part}.npy", mmap_mode="r"), np.load(self.folder / f"{part}.rows.npy")
+
+
+def cache_key(fingerprint: str, texts: list[str], role: str) -> str:
+    h = hashlib.sha1(f"{fingerprint}:{role}:{len(texts)}".encode())
+    for t in texts:
+        h.update(hashlib.sha1(" ".join(t.split()).encode()).digest())
+    return f"{role}-{h.hexdigest()[:20]}"
+
+
+def read_cache(folder: Path) -> Encoded | None:
+    manifest = folder / "manifest.json"
+    if not manifest.is_file():
+        return None
+    m = json.loads(manifest.read_text())
+    return Encoded(folder, m["n"], m["dim"], m["parts"], encoded=0)
+
+
+def encode_cached(ref: EncoderRef, texts: list[str], cache_dir: str | Path, role: str = "passage",
+                  num_workers: int = 1, batch_size: int = 64, use_gpu: bool = False,
+                  shard_rows: int = 4096, fingerprint: str | None = None, log=print) -> Encoded:
+    """Embed `texts` (or read them from the cache). num_workers=0 encodes in this process without Ray."""
+    if not texts:
+        raise EncoderError(f"nothing to encode: the {role} list is empty")
+    folder = Path(cache_dir) / cache_key(fingerprint or ref.fingerprint, texts, role)
+    hit = read_cache(folder)
+    if hit is not None:
+        log(f"  {role}s: {len(texts)} embeddings read from cache {folder}")
+        return hit
+    tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths per batch: less padding
+    start = time.perf_counter()
+    batches = _encode_local(ref, texts, order, batch_size, role, shard_rows) if num_workers == 0 else \
+        _encode_ray(ref, texts, order, batch_size, role, shard_rows, num_workers, use_gpu)
+    parts, dim = [], None
+    for i, (rows, emb) in enumerate(batches):
+        if dim is not None and emb.shape[1] != dim:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise EncoderError(f"embedding size mismatch: {role} shards of size {dim} and {emb.shape[1]}")
+        dim = emb.shape[1]
+        np.save(tmp / f"part-{i:06d}.npy", emb)
+        np.save(tmp / f"part-{i:06d}.rows.npy", rows.astype(np.int64))
+        parts.append(f"part-{i:06d}")
+    seconds = time.perf_counter() - start
+    (tmp / "manifest.json").write_text(json.dumps({"n": len(texts), "dim": dim, "parts": parts, "role": role,
+                                                   "fingerprint": fingerprint or ref.fingerprint}))
+    if folder.exists():  # another run finished the same folder meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+    log(f"  {role}s: encoded {len(texts)} in {seconds:.1f}s ({len(texts) / max(seconds, 1e-9):.1f}/s)")
+    return Encoded(folder, len(texts), dim, parts, encoded=len(texts), seconds=seconds)
+
+
+def _encode_local(ref, texts, order, batch_size, role, shard_rows):
+    encoder = ref.load()
+    for s in range(0, len(order), shard_rows):
+        rows = order[s:s + shard_rows]
+        yield rows, encode_role(encoder, [texts[r] for r in rows], batch_size, role)
+
+
+def _encode_ray(ref, texts, order, batch_size, role, shard_rows, num_workers, use_gpu):
+    import ray
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    total_cpus = int(ray.cluster_resources().get("CPU", 1))
+    cpus = 1 if use_gpu else max(1, total_cpus // num_workers)  # 1 worker on 2 cores gets 2 threads
+    rows_per_batch = max(1, min(shard_rows, -(-len(texts) // (num_workers * 4))))
+    ds = ray.data.from_items([{"row": int(r), "text": texts[r]} for r in order],
+                             override_num_blocks=max(1, -(-len(texts) // rows_per_batch)))
+    ds = ds.map_batches(
+        EncodeUDF, fn_constructor_kwargs={"ref": ref, "batch_size": batch_size, "role": role, "threads": cpus},
+        batch_size=rows_per_batch, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_workers),
+        num_gpus=1 if use_gpu else 0, num_cpus=cpus,
+    )
+    for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+        yield np.asarray(batch["row"]), np.ascontiguousarray(np.stack(batch["emb"]) if batch["emb"].dtype == object
+                                                             else batch["emb"], dtype=np.float32)

@@ -1,0 +1,174 @@
+"""RetrievalEvaluator: eval sets -> cached distributed encoding -> sharded search -> metrics per domain and type.
+
+    ev = RetrievalEvaluator(EvalOptions(domains=("medical",), data_root="data/demo"))
+    results = ev.evaluate(load_encoder("runs/demo/model"))      # or minilm_ref(), base_ref(...), BM25Retriever()
+    results["domains"]["medical"]["rows"][0]["ndcg@10"]           # group "all"; primary metric ndcg@10
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from lbr_ray.config.schema import SplitConfig
+from lbr_ray.errors import LbrError
+from lbr_ray.eval.baselines import BM25Retriever
+from lbr_ray.eval.encode import EncoderRef, encode_cached
+from lbr_ray.eval.index import is_exact, search_shards
+from lbr_ray.eval.metrics import DEFAULT_METRICS, ann_recall, per_query_metrics
+from lbr_ray.eval.sets import EvalSet, build_eval_set
+
+DOMAINS = ("medical", "chemistry", "code", "biology")
+GROUP_ORDER = ("all", "hard", "moderate", "easy")
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("LBR_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "lbr-ray")
+    return os.path.join(os.path.expanduser(base), "embeddings")
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    domains: tuple[str, ...] = DOMAINS
+    data_root: str = "data/demo"
+    index: str = "Flat"  # FAISS factory string, or "exact" (numpy)
+    index_params: str = ""  # FAISS ParameterSpace string, e.g. "nprobe=16" or "efSearch=128"
+    num_workers: int = 2  # encoder actors and search shards; 0 = in this process, without Ray
+    batch_size: int = 64
+    max_queries: int | None = None
+    max_corpus: int | None = None
+    k: int = 100  # depth of the retrieved lists (>= every k of the metrics)
+    cache_dir: str = field(default_factory=default_cache_dir)
+    seed: int = 0
+    use_gpu: bool | None = None  # None: when the Ray cluster has GPUs
+    address: str | None = None  # Ray cluster address; None = embedded local Ray
+    split: SplitConfig = field(default_factory=SplitConfig)
+
+
+def ensure_ray(address: str | None = None, num_workers: int = 1) -> None:
+    """Use the running Ray, connect to `address`, or start an embedded local one (no dashboard)."""
+    import logging
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, num_workers), include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+
+
+class RetrievalEvaluator:
+    """Evaluate a dense encoder (EncoderRef) or BM25Retriever on each domain's test split.
+
+    Raises:
+        EvalSetError: unknown domain, no test queries, empty corpus.
+        EncoderError: the model is not an lbr-ray / sentence-transformers model, or returns bad shapes.
+        LbrError: query and passage embeddings of different sizes; a bad FAISS index string.
+    """
+
+    primary_metric = "ndcg@10"
+    greater_is_better = True
+
+    def __init__(self, opts: EvalOptions, log=print):
+        self.opts, self.log = opts, log
+        self.sets: dict[str, EvalSet] = {}
+
+    def __call__(self, method) -> dict[str, float]:
+        """Flat metrics, e.g. {'medical/ndcg@10': 0.5, ...} (SentenceEvaluator style)."""
+        res = self.evaluate(method)
+        return {f"{d}/{m}": r["rows"][0][m] for d, r in res["domains"].items() for m in DEFAULT_METRICS}
+
+    def eval_set(self, domain: str) -> EvalSet:
+        if domain not in self.sets:
+            o = self.opts
+            self.sets[domain] = build_eval_set(o.data_root, domain, o.split, o.max_queries, o.max_corpus, o.seed)
+        return self.sets[domain]
+
+    def evaluate(self, method: EncoderRef | BM25Retriever, name: str | None = None) -> dict:
+        sets = {d: self.eval_set(d) for d in self.opts.domains}  # all data errors before any model work
+        dense = isinstance(method, EncoderRef)
+        use_gpu = self.opts.use_gpu
+        fingerprint = None
+        if dense:
+            fingerprint = method.fingerprint
+            if self.opts.num_workers > 0:
+                ensure_ray(self.opts.address, self.opts.num_workers)
+                if use_gpu is None:
+                    import ray
+
+                    use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        out = {"model": name or getattr(method, "name", None) or method.path or method.kind,
+               "method": "dense" if dense else "bm25", "fingerprint": fingerprint, "use_gpu": bool(use_gpu),
+               "options": {k: v for k, v in asdict(self.opts).items() if k != "split"}, "domains": {}}
+        for domain, eset in sets.items():
+            self.log(f"[{domain}] {len(eset.queries)} queries, {len(eset.doc_texts)} passages "
+                     f"({eset.n_distractors} distractors)")
+            run = self._dense(eset, method, fingerprint, bool(use_gpu)) if dense else self._bm25(eset, method)
+            out["domains"][domain] = self._score(eset, run)
+        return out
+
+    def _dense(self, eset: EvalSet, ref: EncoderRef, fingerprint: str, use_gpu: bool) -> dict:
+        o = self.opts
+        kw = dict(cache_dir=o.cache_dir, num_workers=o.num_workers, batch_size=o.batch_size, use_gpu=use_gpu,
+                  fingerprint=fingerprint, log=self.log)
+        docs = encode_cached(ref, eset.doc_texts, role="passage", **kw)
+        queries = encode_cached(ref, eset.queries, role="query", **kw)
+        if queries.dim != docs.dim:
+            raise LbrError(f"embedding size mismatch: queries have size {queries.dim}, passages {docs.dim}; "
+                           "the encoder must embed both into one space")
+        q = queries.load()  # [Q, D]
+        shards = list(docs.shards())
+        k = min(o.k, len(eset.doc_texts))
+        threads = max(1, (os.cpu_count() or 1) // max(o.num_workers, 1)) if not use_gpu else 0
+        start = time.perf_counter()
+        _, top = search_shards(shards, q, k, o.index, o.index_params, o.num_workers, use_gpu, threads)
+        search_s = time.perf_counter() - start
+        run = {"top": top, "search_seconds": search_s, "encoded_passages": docs.encoded,
+               "encoded_queries": queries.encoded, "encode_seconds": docs.seconds + queries.seconds, "dim": docs.dim}
+        if not is_exact(o.index):
+            _, exact = search_shards(shards, q, k, "Flat", "", o.num_workers, use_gpu, threads)
+            run["ann_recall@10"] = ann_recall(top, exact, min(10, k))
+            run["ann_recall@100"] = ann_recall(top, exact, k)
+        return run
+
+    def _bm25(self, eset: EvalSet, bm25: BM25Retriever) -> dict:
+        start = time.perf_counter()
+        _, top = bm25.retrieve(eset.queries, eset.doc_texts, self.opts.k)
+        return {"top": top, "search_seconds": time.perf_counter() - start}
+
+    def _score(self, eset: EvalSet, run: dict) -> dict:
+        per = per_query_metrics(run.pop("top"), eset.qrels, DEFAULT_METRICS)  # {metric: [Q]}
+        types = np.asarray(eset.query_types)
+        diff = np.asarray(eset.query_difficulty)
+        groups = [("all", "", np.ones(len(types), bool))]
+        groups += [(g, g, diff == g) for g in GROUP_ORDER[1:] if (diff == g).any()]
+        groups += [(f"type:{t}", Counter(diff[types == t]).most_common(1)[0][0], types == t) for t in sorted(set(types))]
+        rows = []
+        for group, level, mask in groups:
+            row = {"group": group, "difficulty": level, "n_queries": int(mask.sum()), "corpus_size": len(eset.doc_texts)}
+            row.update({m: float(v[mask].mean()) for m, v in per.items()})
+            rows.append(row)
+        q_per_s = len(eset.queries) / max(run["search_seconds"], 1e-9)
+        self.log(f"  R@10 {rows[0]['recall@10']:.4f}  NDCG@10 {rows[0]['ndcg@10']:.4f}  search {q_per_s:.0f} q/s")
+        return {"n_queries": len(eset.queries), "corpus_size": len(eset.doc_texts), "n_distractors": eset.n_distractors,
+                "notes": eset.notes, "rows": rows, "queries_per_s": q_per_s, **run}
+
+
+def resolve_data_root(data_root: str | None, repo_root: Path | None = None) -> str:
+    """--data-root, else ../shared/data (cwd- or repo-relative) if present, else the bundled data/demo."""
+    if data_root:
+        if not Path(data_root).is_dir():
+            raise LbrError(f"--data-root {data_root} is not a folder")
+        return str(data_root)
+    repo_root = repo_root or Path(__file__).resolve().parents[2]
+    for cand in (Path("../shared/data"), repo_root.parent / "shared" / "data"):
+        if cand.is_dir():
+            return str(cand)
+    return str(repo_root / "data" / "demo")

@@ -1,0 +1,26 @@
+"""Gradient-preserving all-gather for in-batch negatives across workers (no Ray; torch.distributed only)."""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` [N, D] from every rank (equal N) -> [world * N, D]; gradients flow back to each rank's part.
+
+    torch.distributed.nn.functional.all_gather sums the incoming gradients across ranks in backward, which is
+    what makes the loss of every rank reach every rank's embeddings.
+    """
+    if not is_distributed():
+        return x
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x.contiguous()), dim=0)
+
+
+def rank_and_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if is_distributed() else (0, 1)

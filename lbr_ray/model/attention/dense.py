@@ -1,0 +1,18 @@
+"""Reference backend: the full visibility matrix as a 4-D additive mask."""
+from __future__ import annotations
+
+import torch
+
+from lbr_ray.model.masks import dense_mask
+
+
+def positions(seg: torch.Tensor) -> torch.Tensor:
+    """Contiguous position ids [B, T] (rows are right-padded, so 0..T-1)."""
+    return torch.arange(seg.shape[1], device=seg.device).expand_as(seg)
+
+
+def dense_hidden(decoder, ids, seg, ib: bool = True, sink: bool = True, output_attentions: bool = False):
+    mask = dense_mask(seg, decoder.get_input_embeddings().weight.dtype, ib, sink)
+    out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions(seg), use_cache=False,
+                  output_attentions=output_attentions)
+    return (out.last_hidden_state, out.attentions) if output_attentions else out.last_hidden_state

@@ -1,0 +1,74 @@
+"""KV-split backend: run `[sink x b]` causally, keep only the sink and bottleneck keys/values, then run `[y]`
+over that small cache. The target never computes scores against the input, and the first pass can use any
+causal kernel (FlashAttention, SDPA is_causal).
+"""
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers import DynamicCache
+
+from lbr_ray.model.masks import B, PAD, SINK, Y
+
+
+def _kept_index(seg: torch.Tensor, sink: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the positions whose KV the target may read: [B, K] indices and [B, K] validity."""
+    keep = (seg == B) | ((seg == SINK) & sink)  # [B, T1]
+    count = keep.sum(1)
+    width = int(count.max())
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :width]  # kept positions first
+    valid = torch.arange(width, device=seg.device)[None] < count[:, None]
+    return order, valid
+
+
+def kv_split_hidden(decoder, ids, seg, ib: bool = True, sink: bool = True):
+    if not ib or not (seg == Y).any():
+        from lbr_ray.model.attention.dense import dense_hidden
+
+        return dense_hidden(decoder, ids, seg, ib, sink)
+    prefix = (seg != PAD) & (seg != Y)  # [B, T]
+    plen = prefix.sum(1)  # [B] = 1 + n + k
+    t1 = int(plen.max())
+    out1 = decoder(input_ids=ids[:, :t1], attention_mask=prefix[:, :t1].long(), use_cache=True)
+    kept, valid = _kept_index(seg[:, :t1], sink)  # [B, K]
+    cache = DynamicCache()
+    for layer, (k, v) in enumerate(_layer_kv(_returned_cache(out1))):
+        idx = kept[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])  # [B, heads, K, d]
+        cache.update(k.gather(2, idx), v.gather(2, idx), layer)
+
+    is_y = seg == Y
+    ylen = is_y.sum(1)
+    t2 = int(ylen.max())
+    y_order = torch.sort((~is_y).to(torch.int8), dim=1, stable=True).indices[:, :t2]  # y positions, left-aligned
+    y_valid = torch.arange(t2, device=seg.device)[None] < ylen[:, None]  # [B, T2]
+    ids2 = ids.gather(1, y_order)
+    pos2 = plen[:, None] + torch.arange(t2, device=seg.device)[None]
+    causal = torch.ones(t2, t2, dtype=torch.bool, device=seg.device).tril()
+    # [B, T2, K + T2]: every y row sees the kept sink/bottleneck keys and earlier targets (pad rows too: never empty)
+    allow = torch.cat([valid[:, None, :].expand(-1, t2, -1), causal[None] & y_valid[:, None, :]], dim=2)
+    dtype = decoder.get_input_embeddings().weight.dtype
+    mask = torch.zeros(allow.shape, dtype=dtype, device=seg.device).masked_fill(~allow, torch.finfo(dtype).min)
+    out2 = decoder(input_ids=ids2, attention_mask=mask[:, None], position_ids=pos2, use_cache=True,
+                   **{_cache_kwarg(decoder): cache})
+
+    hidden = torch.zeros(*ids.shape, out1.last_hidden_state.shape[-1], dtype=out1.last_hidden_state.dtype,
+                         device=ids.device)
+    hidden[:, :t1] = out1.last_hidden_state * prefix[:, :t1, None]
+    scatter = y_order[:, :, None].expand(-1, -1, hidden.shape[-1])
+    return hidden.scatter_add(1, scatter, out2.last_hidden_state * y_valid[:, :, None])
+
+
+def _cache_kwarg(decoder) -> str:
+    """transformers >= 5.x names the cache argument `cache`; older releases `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(decoder.forward).parameters else "past_key_values"
+
+
+def _returned_cache(out):
+    return out.cache if "cache" in out else out.past_key_values
+
+
+def _layer_kv(cache):
+    if hasattr(cache, "layers"):
+        return [(layer.keys, layer.values) for layer in cache.layers]
+    return [(cache.key_cache[i], cache.value_cache[i]) for i in range(len(cache.key_cache))]

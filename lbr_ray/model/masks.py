@@ -1,0 +1,48 @@
+"""The information-bottleneck visibility rule: one pure function of segment ids, used by every backend.
+
+A row of a batch is `[sink][x_1..x_n][b_1..b_k][y_1..y_m][pad...]`, described by segment ids:
+SINK=0 (position 0), X=1 (input), B=2 (bottleneck), Y=3 (target), PAD=-1. Query i may attend to key j when
+j <= i (causal), j is not padding, and not (i in Y and j in X); Y may see the sink only when `sink` is True.
+With `ib=False` the rule is the plain causal mask (used for the gl-cl ablation and for embedding).
+Padding queries attend only to themselves, so no softmax row is empty in any backend.
+"""
+from __future__ import annotations
+
+import torch
+
+SINK, X, B, Y, PAD = 0, 1, 2, 3, -1
+
+
+def allowed(seg_q: torch.Tensor, seg_k: torch.Tensor, q_idx: torch.Tensor, k_idx: torch.Tensor,
+            ib: bool = True, sink: bool = True) -> torch.Tensor:
+    """Elementwise visibility (broadcasting); shared by the dense mask and FlexAttention's mask_mod."""
+    ok = (k_idx <= q_idx) & (seg_k != PAD) & (seg_q != PAD)
+    if ib:
+        ok = ok & ~((seg_q == Y) & (seg_k == X))
+        if not sink:
+            ok = ok & ~((seg_q == Y) & (seg_k == SINK))
+    return ok | ((seg_q == PAD) & (q_idx == k_idx))
+
+
+def visibility(seg: torch.Tensor, ib: bool = True, sink: bool = True) -> torch.Tensor:
+    """Boolean [B, T, T] matrix allow[b, i, j] for a batch of segment ids [B, T]."""
+    idx = torch.arange(seg.shape[1], device=seg.device)
+    return allowed(seg[:, :, None], seg[:, None, :], idx[:, None], idx[None, :], ib, sink)
+
+
+def dense_mask(seg: torch.Tensor, dtype: torch.dtype, ib: bool = True, sink: bool = True) -> torch.Tensor:
+    """Additive [B, 1, T, T] mask (0 where allowed, dtype-min elsewhere) for HF eager/SDPA attention."""
+    allow = visibility(seg, ib, sink)[:, None]
+    return torch.zeros(allow.shape, dtype=dtype, device=seg.device).masked_fill(~allow, torch.finfo(dtype).min)
+
+
+def flex_block_mask(seg: torch.Tensor, ib: bool = True, sink: bool = True):
+    """FlexAttention BlockMask for the same rule; fully blocked tiles (most of Y x X) are skipped."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    batch, length = seg.shape
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return allowed(seg[b, q_idx], seg[b, kv_idx], q_idx, kv_idx, ib, sink)
+
+    return create_block_mask(mask_mod, batch, None, length, length, device=seg.device)

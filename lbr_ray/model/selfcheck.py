@@ -1,0 +1,73 @@
+"""Run-start checks that the IB mask really is applied by the model in use (no Ray).
+
+A transformers upgrade can silently drop a custom mask, so before training we verify, on a real batch:
+1. in every layer (eager attention), the weight from each target row to each input column is exactly 0,
+   while bottleneck rows do attend to the input;
+2. the target rows' states differ from a plain causal forward (the mask is not ignored);
+3. the chosen backend matches the dense reference.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from lbr_ray.errors import MaskLeakError
+from lbr_ray.model.attention.dense import dense_hidden
+from lbr_ray.model.masks import B, PAD, X, Y
+
+SELF_CHECK_TEXTS = [
+    "Aspirin irreversibly inhibits cyclooxygenase and reduces platelet aggregation.",
+    "def add(a, b): return a + b",
+    "Enzymes lower the activation energy of a reaction.",
+]
+
+
+@contextlib.contextmanager
+def attn_implementation(model, name: str):
+    """Temporarily switch the HF attention implementation (e.g. to eager to read attention weights)."""
+    lm = model.lm.get_base_model() if hasattr(model.lm, "get_base_model") else model.lm
+    old = lm.config._attn_implementation
+    lm.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        lm.set_attn_implementation(old)
+
+
+def attention_weights(model, ids: torch.Tensor, seg: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-layer eager attention weights [B, heads, T, T] under the IB mask."""
+    with attn_implementation(model, "eager"):
+        _, attns = dense_hidden(model.decoder, ids, seg, ib=True, sink=model.sink, output_attentions=True)
+    return attns
+
+
+@torch.no_grad()
+def check_mask(model, ids: torch.Tensor, seg: torch.Tensor, atol: float = 1e-3) -> dict[str, float]:
+    """Raise MaskLeakError if the mask leaks or the backend disagrees with the dense reference."""
+    was_training = model.training
+    model.eval()
+    try:
+        y_rows = (seg == Y)[:, None, :, None]
+        x_cols = (seg == X)[:, None, None, :]
+        b_rows = (seg == B)[:, None, :, None]
+        leak, b_to_x = 0.0, float("inf")
+        for layer, w in enumerate(attention_weights(model, ids, seg)):
+            leak = max(leak, float((w * (y_rows & x_cols)).abs().max()))
+            b_to_x = min(b_to_x, float((w * (b_rows & x_cols)).sum(-1).amax()))
+        if leak != 0.0:
+            raise MaskLeakError(f"target tokens attend to input tokens (max weight {leak:.3g}): the IB mask leaks")
+        if not b_to_x > 0:
+            raise MaskLeakError("bottleneck tokens do not attend to the input: the mask blocks too much")
+        valid = seg != PAD
+        ref = dense_hidden(model.decoder, ids, seg, ib=True, sink=model.sink)
+        causal = model.hidden(ids, seg, ib=False)
+        masked_effect = float((ref - causal)[seg == Y].abs().max())
+        if masked_effect == 0.0:
+            raise MaskLeakError("the custom mask is ignored: IB and plain causal forwards give the same targets")
+        diff = float((model.hidden(ids, seg) - ref)[valid].abs().max())
+        if diff > atol:
+            raise MaskLeakError(f"backend {model.backend!r} differs from the dense reference by {diff:.3g} > {atol}")
+        return {"y_to_x_weight": leak, "backend_max_diff": diff, "mask_effect": masked_effect}
+    finally:
+        model.train(was_training)

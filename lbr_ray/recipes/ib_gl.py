@@ -1,0 +1,52 @@
+"""Stage 1, IB-GL: next-token loss on the target through the bottleneck, on Ray Train + DeepSpeed.
+
+`train_fn(config)` runs on every Ray Train worker; launcher.run_stage builds its datasets and TorchTrainer.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lbr_ray.losses import IBGenerativeLoss
+from lbr_ray.model.masks import PAD
+from lbr_ray.recipes.setup import build_model, self_check
+from lbr_ray.train.deepspeed import initialize
+from lbr_ray.train.loop import train_loop
+from lbr_ray.train.worker import WorkerRun
+
+
+class IBGLObjective(nn.Module):
+    """Wraps model + loss so DeepSpeed's engine runs the whole forward."""
+
+    def __init__(self, model, alpha: float, ib: bool):
+        super().__init__()
+        self.model, self.loss, self.ib = model, IBGenerativeLoss(alpha), ib
+
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        ids, seg = batch["ib_ids"], batch["ib_seg"]
+        out = self.loss(self.model, ids, seg, ib=self.ib)
+        return {"loss": out["loss"], "target_loss": out["target_loss"], "input_loss": out["input_loss"],
+                "tokens": (seg != PAD).sum()}
+
+
+def uses_mask(cfg) -> bool:
+    return cfg.ib_gl.mask and cfg.run.variant != "gl-cl"
+
+
+def train_fn(config: dict) -> None:
+    run = WorkerRun(config, "ib_gl")
+    cfg, st = run.cfg, run.cfg.ib_gl
+    model, tok = build_model(cfg, init=config.get("init"))
+    if uses_mask(cfg) and cfg.run.self_check:
+        self_check(model, tok, cfg, run.rank)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    engine = initialize(IBGLObjective(model, st.alpha, uses_mask(cfg)), cfg.deepspeed, st)
+    state = run.resume(engine)
+    telemetry = run.telemetry(st.max_steps, state)
+    to_device = (lambda b: {k: v.to(device) for k, v in b.items()}) if device else (lambda b: b)
+    batches = run.batches(["ib"], st.batch_size, tok.pad_token_id)
+    try:
+        train_loop(engine, lambda e: map(to_device, batches(e)), st, state, telemetry, run.world,
+                   on_log=run.report, on_checkpoint=lambda s: run.checkpoint(engine, model, tok, s))
+    finally:
+        telemetry.close()

@@ -1,0 +1,76 @@
+"""Checkpoints: a Hugging Face model folder (`hf/`, safetensors + tokenizer + lbr_ray.json), DeepSpeed engine
+state (`ds/`, every rank its own shard) and the loop position (`state.json`), plus the resolved config."""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from lbr_ray.config import LbrConfig, save_config
+from lbr_ray.errors import CheckpointError
+
+DS_TAG = "state"
+MODEL_CARD = "lbr_ray.json"
+
+
+@dataclass
+class LoopState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0
+    batch_in_epoch: int = 0  # micro-batches of `epoch` already consumed (skipped on resume)
+    tokens: int = 0
+
+
+def lbr_card(cfg: LbrConfig, bottleneck_ids: list[int], stage: str) -> dict:
+    """What an lbr-ray model folder needs besides HF weights to embed exactly as training did."""
+    b = cfg.bottleneck
+    return {"format": "lbr-ray", "version": 1, "stage": stage, "bottleneck_ids": list(bottleneck_ids),
+            "ratio": b.ratio, "k": b.k, "k_min": b.k_min, "k_max": b.k_max, "sink": b.sink, "pooling": b.pooling,
+            "max_input_tokens": cfg.data.max_input_tokens}
+
+
+def export_hf(model, tokenizer, cfg: LbrConfig, stage: str, out: Path) -> Path:
+    """Merged HF model (LoRA folded in) + tokenizer + lbr_ray.json; loads with AutoModelForCausalLM."""
+    from lbr_ray.model.bottleneck import merged_lm
+
+    out.mkdir(parents=True, exist_ok=True)
+    merged_lm(model).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    (out / MODEL_CARD).write_text(json.dumps(lbr_card(cfg, model.bottleneck_ids, stage), indent=2))
+    return out
+
+
+def save(engine, model, tokenizer, cfg: LbrConfig, stage: str, state: LoopState, out: Path, rank: int) -> None:
+    """Every rank writes its DeepSpeed shard under `out`; rank 0 adds the HF folder, state and config."""
+    gather = contextlib.nullcontext()
+    if cfg.deepspeed.zero_stage == 3:
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    engine.save_checkpoint(str(out / "ds"), tag=DS_TAG, client_state={"loop": asdict(state)})
+    with gather:
+        if rank == 0:
+            export_hf(model, tokenizer, cfg, stage, out / "hf")
+    if rank == 0:
+        (out / "state.json").write_text(json.dumps(asdict(state)))
+        save_config(cfg, out / "config.yaml")
+
+
+def load(engine, ckpt_dir: Path) -> LoopState:
+    """Restore engine (weights, optimizer, schedule) and the loop position."""
+    if not (ckpt_dir / "ds").is_dir():
+        raise CheckpointError(f"{ckpt_dir} has no DeepSpeed state (ds/); it is not an lbr-ray training checkpoint")
+    _, client = engine.load_checkpoint(str(ckpt_dir / "ds"), tag=DS_TAG)
+    if client is None:
+        raise CheckpointError(f"could not load the DeepSpeed state in {ckpt_dir / 'ds'}")
+    return LoopState(**client["loop"])
+
+
+def hf_dir(path: str | Path) -> Path:
+    """The HF model folder of a run folder, a stage folder, a checkpoint or an exported model."""
+    p = Path(path)
+    for candidate in (p, p / "hf", p / "model", p / "gr_cl" / "model", p / "ib_gl" / "model"):
+        if (candidate / "config.json").is_file() and (candidate / MODEL_CARD).is_file():
+            return candidate
+    raise CheckpointError(f"{path} is not an lbr-ray model or checkpoint (no config.json + {MODEL_CARD} found)")

@@ -1,0 +1,53 @@
+"""DeepSpeed config dict, optimizer and schedule for one stage (ZeRO 0-3, bf16 on GPU)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lbr_ray.config.schema import DeepSpeedConfig, StageConfig
+
+
+def ds_config(ds: DeepSpeedConfig, stage: StageConfig) -> dict:
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer and ds.zero_stage > 0:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    return {
+        "train_micro_batch_size_per_gpu": stage.batch_size,
+        "gradient_accumulation_steps": stage.grad_accum,
+        "gradient_clipping": stage.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.bf16},
+        "zero_allow_untested_optimizer": True,  # torch AdamW: no compiled DeepSpeed op needed on CPU
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def lr_lambda(step: int, warmup: int, total: int, floor: float = 0.1) -> float:
+    """Linear warmup to 1, then cosine decay to `floor` at `total` (pure, for tests)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def optimizer_and_schedule(model: torch.nn.Module, stage: StageConfig):
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": stage.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=stage.lr, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_lambda(s, stage.warmup_steps, stage.max_steps))
+    return opt, sched
+
+
+def initialize(objective: torch.nn.Module, ds: DeepSpeedConfig, stage: StageConfig):
+    """deepspeed.initialize with our optimizer/schedule; DeepSpeed steps and checkpoints both."""
+    import deepspeed
+
+    opt, sched = optimizer_and_schedule(objective, stage)
+    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=opt, lr_scheduler=sched,
+                                           config=ds_config(ds, stage))
+    return engine

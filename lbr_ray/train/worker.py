@@ -1,0 +1,75 @@
+"""Per-worker Ray Train plumbing shared by the stage recipes: rank, dataset shard, report, checkpoint, resume."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import ray.train
+import torch
+
+from lbr_ray.config import config_from_dict
+from lbr_ray.data.collate import collate_columns
+from lbr_ray.train import checkpoint as ckpt
+from lbr_ray.train.checkpoint import LoopState
+from lbr_ray.train.telemetry import Telemetry
+
+try:
+    from ray.data.collate_fn import NumpyBatchCollateFn
+except ImportError:  # older Ray: plain callables
+    NumpyBatchCollateFn = object
+
+class PadCollate(NumpyBatchCollateFn):
+    """Pads `<prefix>_ids/_seg` columns of a numpy batch into tensors (runs in the iterator's thread)."""
+
+    def __init__(self, prefixes: list[str], pad_id: int):
+        self.prefixes, self.pad_id = prefixes, pad_id
+
+    def __call__(self, batch):
+        return collate_columns(batch, self.prefixes, self.pad_id)
+
+
+class WorkerRun:
+    def __init__(self, config: dict, stage: str):
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        self.cfg = config_from_dict(config["cfg"])
+        self.stage, self.t0 = stage, config.get("t0")
+        self.stage_dir = Path(config["stage_dir"])
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        torch.manual_seed(self.cfg.run.seed)
+
+    def batches(self, prefixes: list[str], batch_size: int, pad_id: int, name: str = "train"):
+        shard = ray.train.get_dataset_shard(name)
+        collate = PadCollate(prefixes, pad_id)
+
+        def epoch_batches(epoch: int):
+            return shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=True,
+                                            local_shuffle_buffer_size=4 * batch_size,
+                                            local_shuffle_seed=self.cfg.run.seed + epoch)
+
+        return epoch_batches
+
+    def telemetry(self, max_steps: int, state: LoopState) -> Telemetry:
+        tb = self.stage_dir / "tensorboard" if self.cfg.run.tensorboard else None
+        return Telemetry(self.stage, max_steps, self.rank, tb, state.step, self.t0)
+
+    def report(self, metrics: dict) -> None:
+        ray.train.report(metrics)
+
+    def checkpoint(self, engine, model, tokenizer, state: LoopState, metrics: dict | None = None) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt.save(engine, model, tokenizer, self.cfg, self.stage, state, Path(tmp), self.rank)
+            ray.train.report({**(metrics or {}), "step": state.step, "checkpoint_step": state.step},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    def resume(self, engine) -> LoopState:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return LoopState()
+        with checkpoint.as_directory() as d:
+            state = ckpt.load(engine, Path(d))
+        if self.rank == 0:
+            print(f"[lbr] {self.stage}: resumed from {checkpoint.path} at step {state.step}", flush=True)
+        return state

@@ -147,17 +147,27 @@ def object_ref(encoder: Encoder) -> EncoderRef:
 class EncodeUDF:
     """Ray Data callable class: each actor of the pool loads the encoder once and embeds batches of rows."""
 
-    def __init__(self, ref: EncoderRef, batch_size: int, role: str, threads: int = 0):
+    def __init__(self, ref: EncoderRef, batch_size: int, threads: int = 0):
         if threads:
             import torch
 
             torch.set_num_threads(threads)
         device = "cuda" if _cuda_visible() else None
-        self.encoder, self.batch_size, self.role = ref.load(device=device), batch_size, role
+        self.encoder, self.batch_size = ref.load(device=device), batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        texts = [str(t) for t in batch["text"]]
-        return {"row": batch["row"], "emb": encode_role(self.encoder, texts, self.batch_size, self.role)}
+        texts, roles = [str(t) for t in batch["text"]], np.asarray(batch["role"]).astype(str)
+        parts = {}
+        for role in np.unique(roles):  # a batch may mix query and passage rows
+            idx = np.flatnonzero(roles == role)
+            parts[role] = (idx, encode_role(self.encoder, [texts[i] for i in idx], self.batch_size, role))
+        dims = {e.shape[1] for _, e in parts.values()}
+        if len(dims) > 1:
+            raise EncoderError(f"embedding size mismatch: the encoder gives queries and passages sizes {sorted(dims)}")
+        emb = np.empty((len(texts), dims.pop()), dtype=np.float32)
+        for idx, e in parts.values():
+            emb[idx] = e
+        return {"job": batch["job"], "row": batch["row"], "emb": emb}
 
 
 def encode_role(encoder: Encoder, texts: list[str], batch_size: int, role: str) -> np.ndarray:
@@ -214,64 +224,119 @@ def read_cache(folder: Path) -> Encoded | None:
 
 
 def encode_cached(ref: EncoderRef, texts: list[str], cache_dir: str | Path, role: str = "passage",
-                  num_workers: int = 1, batch_size: int = 64, use_gpu: bool = False,
-                  shard_rows: int = 4096, fingerprint: str | None = None, log=print) -> Encoded:
-    """Embed `texts` (or read them from the cache). num_workers=0 encodes in this process without Ray."""
-    if not texts:
-        raise EncoderError(f"nothing to encode: the {role} list is empty")
-    folder = Path(cache_dir) / cache_key(fingerprint or ref.fingerprint, texts, role)
-    hit = read_cache(folder)
-    if hit is not None:
-        log(f"  {role}s: {len(texts)} embeddings read from cache {folder}")
-        return hit
-    tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    order = np.argsort([-len(t) for t in texts], kind="stable")  # similar lengths per batch: less padding
+                  **kw) -> Encoded:
+    """Embed one list of texts, or read it from the cache (see encode_many)."""
+    return encode_many(ref, [(texts, role)], cache_dir, **kw)[0]
+
+
+def encode_many(ref: EncoderRef, jobs: list[tuple[list[str], str]], cache_dir: str | Path, num_workers: int = 1,
+                batch_size: int = 64, use_gpu: bool = False, shard_rows: int = 4096, fingerprint: str | None = None,
+                log=print) -> list[Encoded]:
+    """Embed several (texts, role) lists in ONE pass of the actor pool (one model load per worker), skipping every
+    list already in the cache. num_workers=0 encodes in this process, without Ray."""
+    fingerprint = fingerprint or ref.fingerprint
+    folders, results, todo = [], [], []
+    for j, (texts, role) in enumerate(jobs):
+        if not texts:
+            raise EncoderError(f"nothing to encode: the {role} list is empty")
+        folders.append(Path(cache_dir) / cache_key(fingerprint, texts, role))
+        results.append(read_cache(folders[-1]))
+        if results[-1] is None:
+            todo.append(j)
+        else:
+            log(f"  {len(texts)} {role} embeddings read from the cache {folders[-1]}")
+    if not todo:
+        return results
+    rows = [(j, r, jobs[j][0][r], jobs[j][1]) for j in todo for r in range(len(jobs[j][0]))]
+    rows.sort(key=lambda x: -len(x[2]))  # similar lengths per batch: less padding
+    writers = {j: _ShardWriter(folders[j], len(jobs[j][0]), jobs[j][1], fingerprint) for j in todo}
     start = time.perf_counter()
-    batches = _encode_local(ref, texts, order, batch_size, role, shard_rows) if num_workers == 0 else \
-        _encode_ray(ref, texts, order, batch_size, role, shard_rows, num_workers, use_gpu)
-    parts, dim = [], None
-    for i, (rows, emb) in enumerate(batches):
-        if dim is not None and emb.shape[1] != dim:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise EncoderError(f"embedding size mismatch: {role} shards of size {dim} and {emb.shape[1]}")
-        dim = emb.shape[1]
-        np.save(tmp / f"part-{i:06d}.npy", emb)
-        np.save(tmp / f"part-{i:06d}.rows.npy", rows.astype(np.int64))
-        parts.append(f"part-{i:06d}")
+    batches = _encode_local(ref, rows, batch_size, shard_rows) if num_workers == 0 else \
+        _encode_ray(ref, rows, batch_size, shard_rows, num_workers, use_gpu)
+    done, next_log = 0, len(rows) // 10
+    try:
+        for job, row, emb in batches:
+            for j in np.unique(job):
+                sel = job == j
+                writers[int(j)].add(row[sel], emb[sel])
+            done += len(row)
+            if done >= next_log and done < len(rows):
+                elapsed = time.perf_counter() - start
+                log(f"  {done}/{len(rows)} texts encoded, {elapsed:.0f}s ({done / max(elapsed, 1e-9):.1f}/s)")
+                next_log = done + len(rows) // 10
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
     seconds = time.perf_counter() - start
-    (tmp / "manifest.json").write_text(json.dumps({"n": len(texts), "dim": dim, "parts": parts, "role": role,
-                                                   "fingerprint": fingerprint or ref.fingerprint}))
-    if folder.exists():  # another run finished the same folder meanwhile
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, folder)
-    log(f"  {role}s: encoded {len(texts)} in {seconds:.1f}s ({len(texts) / max(seconds, 1e-9):.1f}/s)")
-    return Encoded(folder, len(texts), dim, parts, encoded=len(texts), seconds=seconds)
+    log(f"  encoded {len(rows)} texts in {seconds:.1f}s ({len(rows) / max(seconds, 1e-9):.1f}/s, "
+        f"{max(num_workers, 1)} worker(s))")
+    for j in todo:
+        results[j] = writers[j].finish(seconds)
+    return results
 
 
-def _encode_local(ref, texts, order, batch_size, role, shard_rows):
-    encoder = ref.load()
-    for s in range(0, len(order), shard_rows):
-        rows = order[s:s + shard_rows]
-        yield rows, encode_role(encoder, [texts[r] for r in rows], batch_size, role)
+class _ShardWriter:
+    """Writes one cache folder: parts into a temp folder, manifest last, then an atomic rename."""
+
+    def __init__(self, folder: Path, n: int, role: str, fingerprint: str):
+        self.folder, self.n, self.role, self.fingerprint = folder, n, role, fingerprint
+        self.tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.tmp.mkdir(parents=True)
+        self.parts, self.dim, self.count = [], None, 0
+
+    def add(self, rows: np.ndarray, emb: np.ndarray) -> None:
+        if self.dim is not None and emb.shape[1] != self.dim:
+            raise EncoderError(f"embedding size mismatch: {self.role} embeddings of size {self.dim} and {emb.shape[1]}")
+        self.dim = emb.shape[1]
+        name = f"part-{len(self.parts):06d}"
+        np.save(self.tmp / f"{name}.npy", np.ascontiguousarray(emb, dtype=np.float32))
+        np.save(self.tmp / f"{name}.rows.npy", rows.astype(np.int64))
+        self.parts.append(name)
+        self.count += len(rows)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def finish(self, seconds: float) -> Encoded:
+        assert self.count == self.n, f"{self.role}: {self.count} of {self.n} rows came back"
+        (self.tmp / "manifest.json").write_text(json.dumps(
+            {"n": self.n, "dim": self.dim, "parts": self.parts, "role": self.role, "fingerprint": self.fingerprint}))
+        if self.folder.exists():  # another run finished the same folder meanwhile
+            self.abort()
+        else:
+            os.replace(self.tmp, self.folder)
+        return Encoded(self.folder, self.n, self.dim, self.parts, encoded=self.n, seconds=seconds)
 
 
-def _encode_ray(ref, texts, order, batch_size, role, shard_rows, num_workers, use_gpu):
+def _encode_local(ref, rows, batch_size, shard_rows):
+    udf = EncodeUDF(ref, batch_size)
+    for s in range(0, len(rows), shard_rows):
+        chunk = rows[s:s + shard_rows]
+        out = udf({"job": np.array([c[0] for c in chunk]), "row": np.array([c[1] for c in chunk]),
+                   "text": np.array([c[2] for c in chunk], dtype=object), "role": np.array([c[3] for c in chunk])})
+        yield out["job"], out["row"], out["emb"]
+
+
+def _encode_ray(ref, rows, batch_size, shard_rows, num_workers, use_gpu):
+    import logging
+
     import ray
     import ray.data
 
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     total_cpus = int(ray.cluster_resources().get("CPU", 1))
     cpus = 1 if use_gpu else max(1, total_cpus // num_workers)  # 1 worker on 2 cores gets 2 threads
-    rows_per_batch = max(1, min(shard_rows, -(-len(texts) // (num_workers * 4))))
-    ds = ray.data.from_items([{"row": int(r), "text": texts[r]} for r in order],
-                             override_num_blocks=max(1, -(-len(texts) // rows_per_batch)))
+    per_batch = max(1, min(shard_rows, -(-len(rows) // (num_workers * 4))))
+    items = [{"job": j, "row": r, "text": t, "role": role} for j, r, t, role in rows]
+    ds = ray.data.from_items(items, override_num_blocks=max(1, -(-len(rows) // per_batch)))
     ds = ds.map_batches(
-        EncodeUDF, fn_constructor_kwargs={"ref": ref, "batch_size": batch_size, "role": role, "threads": cpus},
-        batch_size=rows_per_batch, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_workers),
+        EncodeUDF, fn_constructor_kwargs={"ref": ref, "batch_size": batch_size, "threads": cpus},
+        batch_size=per_batch, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_workers),
         num_gpus=1 if use_gpu else 0, num_cpus=cpus,
     )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-        yield np.asarray(batch["row"]), np.ascontiguousarray(np.stack(batch["emb"]) if batch["emb"].dtype == object
-                                                             else batch["emb"], dtype=np.float32)
+        emb = batch["emb"]
+        emb = np.stack(emb) if emb.dtype == object else emb
+        yield np.asarray(batch["job"]), np.asarray(batch["row"]), np.ascontiguousarray(emb, dtype=np.float32)

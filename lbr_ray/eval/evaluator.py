@@ -17,7 +17,7 @@ import numpy as np
 from lbr_ray.config.schema import SplitConfig
 from lbr_ray.errors import LbrError
 from lbr_ray.eval.baselines import BM25Retriever
-from lbr_ray.eval.encode import EncoderRef, encode_cached
+from lbr_ray.eval.encode import Encoded, EncoderRef, encode_many
 from lbr_ray.eval.index import is_exact, search_shards
 from lbr_ray.eval.metrics import DEFAULT_METRICS, ann_recall, per_query_metrics
 from lbr_ray.eval.sets import EvalSet, build_eval_set
@@ -107,19 +107,26 @@ class RetrievalEvaluator:
         out = {"model": name or getattr(method, "name", None) or method.path or method.kind,
                "method": "dense" if dense else "bm25", "fingerprint": fingerprint, "use_gpu": bool(use_gpu),
                "options": {k: v for k, v in asdict(self.opts).items() if k != "split"}, "domains": {}}
+        encoded = self._encode_all(sets, method, fingerprint, bool(use_gpu)) if dense else {}
         for domain, eset in sets.items():
             self.log(f"[{domain}] {len(eset.queries)} queries, {len(eset.doc_texts)} passages "
                      f"({eset.n_distractors} distractors)")
-            run = self._dense(eset, method, fingerprint, bool(use_gpu)) if dense else self._bm25(eset, method)
+            run = self._dense(eset, *encoded[domain], bool(use_gpu)) if dense else self._bm25(eset, method)
             out["domains"][domain] = self._score(eset, run)
         return out
 
-    def _dense(self, eset: EvalSet, ref: EncoderRef, fingerprint: str, use_gpu: bool) -> dict:
+    def _encode_all(self, sets: dict[str, EvalSet], ref: EncoderRef, fingerprint: str, use_gpu: bool) -> dict:
+        """Every domain's passages and queries in one pass of the encoder actor pool: {domain: (docs, queries)}."""
         o = self.opts
-        kw = dict(cache_dir=o.cache_dir, num_workers=o.num_workers, batch_size=o.batch_size, use_gpu=use_gpu,
-                  fingerprint=fingerprint, log=self.log)
-        docs = encode_cached(ref, eset.doc_texts, role="passage", **kw)
-        queries = encode_cached(ref, eset.queries, role="query", **kw)
+        jobs = [job for e in sets.values() for job in ((e.doc_texts, "passage"), (e.queries, "query"))]
+        self.log(f"encoding {sum(len(t) for t, _ in jobs)} texts of {len(sets)} domain(s) "
+                 f"(cache {o.cache_dir}, {o.num_workers} worker(s){', GPU' if use_gpu else ''})")
+        done = encode_many(ref, jobs, o.cache_dir, num_workers=o.num_workers, batch_size=o.batch_size,
+                           use_gpu=use_gpu, fingerprint=fingerprint, log=self.log)
+        return {d: (done[2 * i], done[2 * i + 1]) for i, d in enumerate(sets)}
+
+    def _dense(self, eset: EvalSet, docs: Encoded, queries: Encoded, use_gpu: bool) -> dict:
+        o = self.opts
         if queries.dim != docs.dim:
             raise LbrError(f"embedding size mismatch: queries have size {queries.dim}, passages {docs.dim}; "
                            "the encoder must embed both into one space")
@@ -131,7 +138,7 @@ class RetrievalEvaluator:
         _, top = search_shards(shards, q, k, o.index, o.index_params, o.num_workers, use_gpu, threads)
         search_s = time.perf_counter() - start
         run = {"top": top, "search_seconds": search_s, "encoded_passages": docs.encoded,
-               "encoded_queries": queries.encoded, "encode_seconds": docs.seconds + queries.seconds, "dim": docs.dim}
+               "encoded_queries": queries.encoded, "encode_pass_seconds": docs.seconds, "dim": docs.dim}
         if not is_exact(o.index):
             _, exact = search_shards(shards, q, k, "Flat", "", o.num_workers, use_gpu, threads)
             run["ann_recall@10"] = ann_recall(top, exact, min(10, k))

@@ -1,0 +1,55 @@
+"""`lbr eval` options, bad input (one clear error each) and the report files, without Ray (--num-workers 0)."""
+import csv
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from cli.main import app
+from lbr_ray.errors import ConfigError, LbrError
+from lbr_ray.eval.encode import EncoderError
+from lbr_ray.eval.sets import EvalSetError
+
+runner = CliRunner()
+SMALL = ["--data-root", "data/demo", "--num-workers", "0", "--max-queries", "20", "--max-corpus", "100"]
+
+
+def _invoke(*args):
+    return runner.invoke(app, ["eval", *args])
+
+
+def test_bm25_writes_all_reports(tmp_path):
+    res = _invoke("--baseline", "bm25", "--domains", "medical,chemistry", *SMALL, "--output", str(tmp_path))
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert set(report["domains"]) == {"medical", "chemistry"} and report["method"] == "bm25"
+    with open(tmp_path / "report.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows[0]["domain"] == "medical" and rows[0]["group"] == "all"
+    assert {"recall@10", "ndcg@10", "mrr@10", "recall@100", "n_queries", "corpus_size"} <= set(rows[0])
+    md = (tmp_path / "report.md").read_text()
+    assert "| medical |" in md and "type:term_ctx" in md and "NDCG@10" in md
+    assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args,error,match", [
+    (["--baseline", "bm25", "--domains", "physics"], EvalSetError, "unknown domain 'physics'"),
+    (["--baseline", "nope"], ConfigError, "--baseline must be one of"),
+    ([], ConfigError, "--model is required"),
+    (["--model", "data/demo"], EncoderError, "not an lbr-ray or sentence-transformers model"),
+    (["--baseline", "base"], ConfigError, "--model is required"),
+    (["--baseline", "bm25", "--data-root", "/no/such/folder"], LbrError, "is not a folder"),
+])
+def test_bad_input_is_one_clear_error(args, error, match):
+    res = _invoke(*SMALL[2:], *args) if "--data-root" in args else _invoke(*SMALL, *args)
+    assert isinstance(res.exception, error), res.output
+    assert match in str(res.exception)
+
+
+def test_console_entry_prints_one_line_and_exits_2():
+    proc = subprocess.run([sys.executable, "-c", "from cli.main import main; main()", "eval", "--baseline", "bm25",
+                           "--domains", "physics", "--data-root", "data/demo"], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("error: unknown domain 'physics'") and "Traceback" not in proc.stderr

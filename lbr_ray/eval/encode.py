@@ -194,7 +194,8 @@ class Encoded:
     dim: int
     parts: list[str]
     encoded: int  # texts encoded by this call (0 = everything came from the cache)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the encoding pass, worker start-up included
+    steady_per_s: float | None = None  # texts/s after the first batch arrived (workers up, model loaded)
 
     def load(self) -> np.ndarray:
         """All embeddings in input order, [n, dim]."""
@@ -230,7 +231,7 @@ def encode_cached(ref: EncoderRef, texts: list[str], cache_dir: str | Path, role
 
 
 def encode_many(ref: EncoderRef, jobs: list[tuple[list[str], str]], cache_dir: str | Path, num_workers: int = 1,
-                batch_size: int = 64, use_gpu: bool = False, shard_rows: int = 4096, fingerprint: str | None = None,
+                batch_size: int = 64, use_gpu: bool = False, shard_rows: int = 1024, fingerprint: str | None = None,
                 log=print) -> list[Encoded]:
     """Embed several (texts, role) lists in ONE pass of the actor pool (one model load per worker), skipping every
     list already in the cache. num_workers=0 encodes in this process, without Ray."""
@@ -253,9 +254,10 @@ def encode_many(ref: EncoderRef, jobs: list[tuple[list[str], str]], cache_dir: s
     start = time.perf_counter()
     batches = _encode_local(ref, rows, batch_size, shard_rows) if num_workers == 0 else \
         _encode_ray(ref, rows, batch_size, shard_rows, num_workers, use_gpu)
-    done, next_log = 0, len(rows) // 10
+    done, next_log, first = 0, len(rows) // 10, None
     try:
         for job, row, emb in batches:
+            first = first or (time.perf_counter(), len(row))  # after the first batch: workers are up and loaded
             for j in np.unique(job):
                 sel = job == j
                 writers[int(j)].add(row[sel], emb[sel])
@@ -268,11 +270,14 @@ def encode_many(ref: EncoderRef, jobs: list[tuple[list[str], str]], cache_dir: s
         for w in writers.values():
             w.abort()
         raise
-    seconds = time.perf_counter() - start
+    end = time.perf_counter()
+    seconds = end - start
+    steady = (len(rows) - first[1]) / (end - first[0]) if len(rows) > first[1] and end > first[0] else None
     log(f"  encoded {len(rows)} texts in {seconds:.1f}s ({len(rows) / max(seconds, 1e-9):.1f}/s, "
         f"{max(num_workers, 1)} worker(s))")
     for j in todo:
         results[j] = writers[j].finish(seconds)
+        results[j].steady_per_s = steady
     return results
 
 

@@ -119,28 +119,61 @@ def group_shards(shards: list[tuple[np.ndarray, np.ndarray]], num_shards: int) -
     return [(np.concatenate([np.asarray(e) for e, _ in g]), np.concatenate([r for _, r in g])) for g in groups if g]
 
 
+class ShardedIndex:
+    """Search shards built once and searched many times: Ray actors (num_workers >= 1) or in-process (0).
+
+        with ShardedIndex(shards, "IVF256,Flat", "nprobe=8", num_workers=2) as index:
+            scores, rows = index.search(q, k=100)     # [Q, k] each, merged over shards
+    """
+
+    def __init__(self, shards: list[tuple[np.ndarray, np.ndarray]], spec: str = "Flat", params: str = "",
+                 num_workers: int = 1, use_gpu: bool = False, threads: int = 0):
+        dims = {np.asarray(e).shape[1] for e, _ in shards}
+        if len(dims) != 1:
+            raise LbrError(f"embedding size mismatch: passage shards have sizes {sorted(dims)}")
+        self.dim, self.actors, self.local = dims.pop(), [], []
+        groups = group_shards(shards, max(num_workers, 1))
+        if spec.lower() != "exact" and have_faiss():
+            check_index_spec(spec, self.dim, min(len(r) for _, r in groups))  # fail here, not inside an actor
+        if num_workers == 0:
+            self.local = [ShardIndex(e, r, spec, params, use_gpu, threads) for e, r in groups]
+            return
+        import ray
+
+        actor_cls = ray.remote(ShardIndex).options(num_cpus=threads or 1, num_gpus=1 if use_gpu else 0)
+        self.actors = [actor_cls.remote(ray.put(e), r, spec, params, use_gpu, threads) for e, r in groups]
+        ray.get([a.size.remote() for a in self.actors])  # wait until every shard's index is built
+
+    def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if q.shape[1] != self.dim:
+            raise LbrError(f"embedding size mismatch: queries have size {q.shape[1]}, passages {self.dim}; "
+                           "encode both with the same model")
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if self.local:
+            return merge_topk([s.search(q, k) for s in self.local], k)
+        import ray
+
+        q_ref = ray.put(q)
+        return merge_topk(ray.get([a.search.remote(q_ref, k) for a in self.actors]), k)  # shards in parallel
+
+    def close(self) -> None:
+        if self.actors:
+            import ray
+
+            for a in self.actors:
+                ray.kill(a)
+        self.actors, self.local = [], []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def search_shards(shards: list[tuple[np.ndarray, np.ndarray]], q: np.ndarray, k: int, spec: str = "Flat",
                   params: str = "", num_workers: int = 1, use_gpu: bool = False,
                   threads: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k over all shards: num_workers=0 searches in this process, else one Ray actor per search shard."""
-    dims = {np.asarray(e).shape[1] for e, _ in shards}
-    if len(dims) != 1 or q.shape[1] not in dims:
-        raise LbrError(f"embedding size mismatch: queries have size {q.shape[1]}, passages {sorted(dims)}; "
-                       "encode both with the same model")
-    groups = group_shards(shards, max(num_workers, 1))
-    if spec.lower() != "exact" and have_faiss():
-        check_index_spec(spec, q.shape[1], min(len(r) for _, r in groups))  # fail here, not inside an actor
-    if num_workers == 0:
-        results = [ShardIndex(e, r, spec, params, use_gpu, threads).search(q, k) for e, r in groups]
-        return merge_topk(results, k)
-    import ray
-
-    actor_cls = ray.remote(ShardIndex).options(num_cpus=threads or 1, num_gpus=1 if use_gpu else 0)
-    actors = [actor_cls.remote(ray.put(e), r, spec, params, use_gpu, threads) for e, r in groups]
-    q_ref = ray.put(np.ascontiguousarray(q, dtype=np.float32))
-    try:
-        results = ray.get([a.search.remote(q_ref, k) for a in actors])  # builds and searches run in parallel
-    finally:
-        for a in actors:
-            ray.kill(a)
-    return merge_topk(results, k)
+    """Top-k over all shards in one call: build the shard indexes, search, release them."""
+    with ShardedIndex(shards, spec, params, num_workers, use_gpu, threads) as index:
+        return index.search(q, k)

@@ -1,0 +1,181 @@
+"""Eval scaling on this machine: passages/s encoded (MiniLM, Ray Data actor pool) and queries/s searched (sharded
+FAISS in Ray actors) with 1 and 2 workers on >= 50,000 passages, plus IVF recall@10 against exact search.
+
+    python benchmarks/eval_scaling.py [--data-root ../shared/data] [--passages 50000] [--encode-sample 600]
+                                      [--queries 2000] [--real-cache runs/eval-cache] [--out benchmarks/results/eval_scaling.json]
+
+Encoding: the same sample of the pool is encoded with 1 and with 2 workers (fresh cache each time), at MiniLM's
+shipped max length; the time includes starting the actors and loading the model. On a 2-core CPU MiniLM encodes
+~15 passages/s, so the whole pool (~1 h) is not encoded here: the search half indexes MiniLM *static* vectors
+of the full pool (mean of MiniLM's input token embeddings over the first 256 word pieces, L2-normalised; same
+dimension and tokeniser, no transformer layers). With --real-cache (the cache of `lbr eval --baseline minilm`),
+IVF recall is also measured on the real MiniLM embeddings of the eval corpora and their test queries.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from lbr_ray.data.readers import read_all  # noqa: E402
+from lbr_ray.data.split import split_of, text_key  # noqa: E402
+from lbr_ray.eval.baselines import minilm_path, minilm_ref  # noqa: E402
+from lbr_ray.eval.encode import encode_many, read_cache  # noqa: E402
+from lbr_ray.eval.evaluator import ensure_ray, resolve_data_root  # noqa: E402
+from lbr_ray.eval.index import ShardedIndex, search_shards  # noqa: E402
+from lbr_ray.eval.metrics import ann_recall  # noqa: E402
+
+DOMAINS = ("medical", "chemistry", "code", "biology")
+IVF = [("IVF256,Flat", "nprobe=1"), ("IVF256,Flat", "nprobe=8"), ("IVF256,Flat", "nprobe=32"), ("HNSW32", "efSearch=64")]
+
+
+def pool(data_root: str, n: int, n_queries: int) -> tuple[list[str], list[str]]:
+    """n distinct passages (corpus + positives of every split and domain) and test queries, in hash order."""
+    texts, queries = {}, {}
+    for d in DOMAINS:
+        root = Path(data_root) / d
+        for rec in read_all(str(root), "pairs"):
+            texts.setdefault(text_key(rec["positive"]), rec["positive"])
+            if split_of(rec["query"]) == "test":
+                queries.setdefault(text_key(rec["query"]), rec["query"])
+        if list(root.glob("corpus*")):
+            for rec in read_all(str(root), "corpus"):
+                texts.setdefault(text_key(rec["text"]), rec["text"])
+    if len(texts) < n:
+        raise SystemExit(f"only {len(texts)} distinct passages under {data_root}; need {n}")
+    order = sorted(texts)[:n]
+    return [texts[k] for k in order], [queries[k] for k in sorted(queries)[:n_queries]]
+
+
+def static_vectors(texts: list[str], max_tokens: int = 256) -> np.ndarray:
+    """MiniLM static vectors: mean of the input token embeddings, L2-normalised, [N, 384]."""
+    from safetensors import safe_open
+    from tokenizers import Tokenizer
+
+    path = minilm_path()
+    with safe_open(str(path / "model.safetensors"), "np") as f:
+        table = f.get_tensor("embeddings.word_embeddings.weight").astype(np.float32)  # [V, 384]
+    tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+    tok.no_padding()
+    tok.enable_truncation(max_tokens)
+    out = np.empty((len(texts), table.shape[1]), dtype=np.float32)
+    for s in range(0, len(texts), 2048):
+        for i, enc in enumerate(tok.encode_batch(texts[s:s + 2048])):
+            out[s + i] = table[enc.ids[1:-1] or enc.ids].mean(axis=0)  # drop [CLS]/[SEP]
+    out -= out.mean(axis=0)  # remove the common direction static embeddings share
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def bench_encode(texts: list[str], workers: int) -> dict:
+    with tempfile.TemporaryDirectory() as cache:
+        start = time.perf_counter()
+        got = encode_many(minilm_ref(), [(texts, "passage")], cache, num_workers=workers, batch_size=64,
+                          shard_rows=64, log=lambda *_: None)[0]
+        seconds = time.perf_counter() - start
+    assert got.encoded == len(texts)
+    return {"workers": workers, "passages": len(texts), "seconds": round(seconds, 2),
+            "passages_per_s": round(len(texts) / seconds, 2),
+            "passages_per_s_after_first_batch": round(got.steady_per_s or 0.0, 2)}
+
+
+def shards_of(emb: np.ndarray, parts: int = 8) -> list[tuple[np.ndarray, np.ndarray]]:
+    rows = np.arange(len(emb))
+    return [(emb[r], r) for r in np.array_split(rows, parts)]
+
+
+def bench_search(emb: np.ndarray, q: np.ndarray, workers: int, spec: str = "Flat", params: str = "",
+                 k: int = 100) -> tuple[dict, np.ndarray]:
+    """Build the shard indexes in Ray actors (timed apart), then search all queries (merged top-k)."""
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    start = time.perf_counter()
+    with ShardedIndex(shards_of(emb), spec, params, workers, False, threads) as index:
+        built = time.perf_counter() - start
+        start = time.perf_counter()
+        _, rows = index.search(q, k)
+        search = time.perf_counter() - start
+    return {"workers": workers, "index": spec, "params": params, "passages": len(emb), "queries": len(q), "k": k,
+            "seconds_start_and_build": round(built, 2), "seconds_search": round(search, 3),
+            "queries_per_s": round(len(q) / search, 1)}, rows
+
+
+def ann_table(emb: np.ndarray, q: np.ndarray, workers: int = 2) -> list[dict]:
+    _, exact = search_shards(shards_of(emb), q, 10, "Flat", "", 0)
+    out = []
+    for spec, params in IVF:
+        row, rows = bench_search(emb, q, workers, spec, params, k=10)
+        row["recall@10_vs_exact"] = round(ann_recall(rows, exact, 10), 4)
+        out.append(row)
+        print(f"  {spec} {params}: recall@10 vs exact {row['recall@10_vs_exact']:.4f}, {row['queries_per_s']} q/s",
+              flush=True)
+    return out
+
+
+def real_embeddings(cache_dir: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """All MiniLM passage and query embeddings in an `lbr eval --baseline minilm` cache (None if there are none)."""
+    fp = minilm_ref().fingerprint
+    found = {"passage": [], "query": []}
+    for folder in sorted(Path(cache_dir).glob("*-*")):
+        enc = read_cache(folder)
+        manifest = folder / "manifest.json"
+        if enc and json.loads(manifest.read_text()).get("fingerprint") == fp:
+            found[json.loads(manifest.read_text())["role"]].append(enc.load())
+    if not found["passage"] or not found["query"]:
+        return None
+    return np.concatenate(found["passage"]), np.concatenate(found["query"])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--passages", type=int, default=50_000)
+    ap.add_argument("--encode-sample", type=int, default=600)
+    ap.add_argument("--queries", type=int, default=2_000)
+    ap.add_argument("--real-cache", default="runs/eval-cache")
+    ap.add_argument("--out", default="benchmarks/results/eval_scaling.json")
+    args = ap.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    data_root = resolve_data_root(args.data_root)
+    passages, queries = pool(data_root, args.passages, args.queries)
+    print(f"pool: {len(passages)} passages, {len(queries)} queries from {data_root}", flush=True)
+    ensure_ray(None, 2)
+    res = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+                       "loadavg_start": list(os.getloadavg())},
+           "pool": {"data_root": data_root, "passages": len(passages), "queries": len(queries),
+                    "sha1": hashlib.sha1("".join(text_key(t) for t in passages).encode()).hexdigest()[:16]}}
+    sample = passages[: args.encode_sample]
+    res["encode_minilm"] = [bench_encode(sample, w) for w in (1, 2)]
+    for r in res["encode_minilm"]:
+        print(f"encode: {r['workers']} worker(s) {r['passages_per_s']} passages/s", flush=True)
+    start = time.perf_counter()
+    emb, q = static_vectors(passages), static_vectors(queries)
+    res["search_vectors"] = {"kind": "MiniLM static (mean input token embedding, centred, L2-normalised)",
+                             "dim": int(emb.shape[1]), "seconds": round(time.perf_counter() - start, 1)}
+    res["search_flat"] = [bench_search(emb, q, w)[0] for w in (1, 2)]
+    for r in res["search_flat"]:
+        print(f"search Flat: {r['workers']} worker(s) {r['queries_per_s']} q/s over {r['passages']}", flush=True)
+    res["ann_static_50k"] = ann_table(emb, q)
+    real = real_embeddings(args.real_cache) if args.real_cache else None
+    if real is not None:
+        print(f"real MiniLM embeddings from {args.real_cache}: {len(real[0])} passages, {len(real[1])} queries")
+        res["ann_real_minilm"] = {"source": args.real_cache, "passages": len(real[0]), "queries": len(real[1]),
+                                  "rows": ann_table(real[0], real[1][: args.queries])}
+    res["machine"]["loadavg_end"] = list(os.getloadavg())
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+    print(f"wrote {args.out} in {res['seconds']}s")
+
+
+if __name__ == "__main__":
+    main()

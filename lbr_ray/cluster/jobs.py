@@ -8,6 +8,7 @@ job's status: 0 on success, 1 with the job's last log lines on failure, 130 afte
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import sys
@@ -24,6 +25,7 @@ PASS_ENV = ("DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")  # plus 
 OUTPUT_FLAGS = ("--output", "-o")
 LAST_LINES = 20
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+QUIET_LOGGERS = ("ray._private.runtime_env.working_dir", "ray._private.runtime_env.packaging")
 
 
 def is_job_address(address: str | None) -> bool:
@@ -45,11 +47,20 @@ def submit_as_job(argv: list[str], cluster: Path | None = None, address: str | N
     args = localize_outputs(args) if _is_loopback(address) else _warn_relative_outputs(args)
     cwd = Path.cwd()
     root = project_root(cwd)
-    entrypoint = shlex.join(["lbr", *args])
-    if cwd != root:
-        entrypoint = f"cd {shlex.quote(str(cwd.relative_to(root)))} && {entrypoint}"
-    env = {k: v for k, v in os.environ.items() if k.startswith("LBR_") or k in PASS_ENV}
-    return run_job(address, entrypoint, working_dir=root, env_vars=env)
+    return run_job(address, job_entrypoint(args, cwd, root), working_dir=root)
+
+
+def job_entrypoint(args: list[str], cwd: Path, root: Path) -> str:
+    """`[cd SUBDIR &&] [VAR=value ...] lbr ARGS --address auto`.
+
+    `--address auto` makes the command join the cluster it runs on (the job's $RAY_ADDRESS) instead of starting
+    an embedded Ray. Variables go on the command line, not into runtime_env.env_vars, so the command's own
+    `ray.init(runtime_env=...)` does not clash with the job's runtime env (Ray refuses to merge equal keys).
+    """
+    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("LBR_") or k in PASS_ENV}
+    cmd = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items() if k != "LBR_CLUSTER_STATE_DIR")
+    cmd = (cmd + " " if cmd else "") + shlex.join(["lbr", *args, "--address", "auto"])
+    return cmd if cwd == root else f"cd {shlex.quote(str(cwd.relative_to(root)))} && {cmd}"
 
 
 def strip_cluster_args(argv: list[str]) -> list[str]:
@@ -119,7 +130,8 @@ def run_job(address: str, entrypoint: str, working_dir: Path | None = None,
         _say(f"job {job_id} succeeded after {time.monotonic() - t0:.1f}s")
         return 0
     lines = list(last) or client.get_job_logs(job_id).splitlines()[-LAST_LINES:]
-    _say(f"job {job_id} {status}: {info.message or ''}\n--- last log lines ---\n" + "\n".join(lines))
+    reason = (info.message or "").split(", last available logs")[0].splitlines()[:1]  # Ray appends the logs
+    _say(f"job {job_id} {status}: {' '.join(reason)}\n--- last log lines ---\n" + "\n".join(lines))
     return 1
 
 
@@ -144,6 +156,9 @@ def _wait_terminal(client, job_id: str, timeout_s: float | None = None):
 def _client(address: str, headers: dict):
     """JobSubmissionClient for `address` exactly: Ray would let $RAY_ADDRESS override it (e.g. inside a job)."""
     from ray.job_submission import JobSubmissionClient
+
+    for name in QUIET_LOGGERS:  # Ray notes on every upload that .git/.venv/.gitignore'd files stay behind
+        logging.getLogger(name).setLevel(logging.ERROR)
 
     saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
     try:

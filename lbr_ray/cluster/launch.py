@@ -2,8 +2,10 @@
 clusters/local.yaml (provider local, head_ip 127.0.0.1), and the dashboard address jobs are submitted to."""
 from __future__ import annotations
 
+import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from lbr_ray.cluster import local_head
@@ -11,6 +13,7 @@ from lbr_ray.cluster.validate import is_local_head, load_launcher
 from lbr_ray.errors import LbrError
 
 DASHBOARD_PORT = 8265  # Ray's default; the launcher's default head_start_ray_commands keep it
+HEAD_FLAGS = ("--num-cpus", "--num-gpus", "--resources", "--object-store-memory")  # taken over for a local head
 
 
 def _say(msg: str) -> None:
@@ -21,11 +24,26 @@ def up(path: Path) -> int:
     cfg = load_launcher(path)
     if not is_local_head(cfg):
         return _ray_cli("up", "-y", str(path))
-    state, started = local_head.start_head(cfg["cluster_name"], path)
+    state, started = local_head.start_head(cfg["cluster_name"], path, head_start_args(cfg))
     _say(f"{'started' if started else 'already up:'} {cfg['cluster_name']} dashboard {state.dashboard} "
          f"(GCS {state.gcs_address}, logs {state.temp_dir})")
     _say(f"submit with: lbr train ... --cluster {path}   or   --address {state.dashboard}")
     return 0
+
+
+def head_start_args(cfg: dict) -> list[str]:
+    """The resource flags of the file's `ray start --head` command (head_start_ray_commands), for the local head."""
+    out: list[str] = []
+    for command in cfg.get("head_start_ray_commands") or []:
+        words = shlex.split(command.split(";")[-1])
+        if words[:2] != ["ray", "start"]:
+            continue
+        for i, w in enumerate(words):
+            flag, eq, value = w.partition("=")
+            if flag in HEAD_FLAGS:
+                value = value if eq else (words[i + 1] if i + 1 < len(words) else "")
+                out += [flag, value]
+    return out
 
 
 def down(path: Path) -> int:
@@ -47,8 +65,13 @@ def status(path: Path) -> int:
         _say(f"{cfg['cluster_name']}: down" + (" (stale record; `lbr cluster down` clears it)" if state else ""))
         return 1
     _say(f"{cfg['cluster_name']}: up, dashboard {state.dashboard}, GCS {state.gcs_address}")
-    r = subprocess.run([local_head.ray_executable(), "status", "--address", state.gcs_address],
-                       capture_output=True, text=True, timeout=120, env=local_head.loopback_env())
+    deadline = time.monotonic() + 30
+    while True:  # a head started seconds ago has no autoscaler report yet ("No cluster status")
+        r = subprocess.run([local_head.ray_executable(), "status", "--address", state.gcs_address],
+                           capture_output=True, text=True, timeout=120, env=local_head.loopback_env())
+        if r.returncode != 0 or "No cluster status" not in r.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(2)
     print((r.stdout if r.returncode == 0 else r.stderr).rstrip(), flush=True)
     return 0
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lbr_ray.cluster.dashboard import auth_headers, probe
+from lbr_ray.cluster.dashboard import auth_headers, auth_token, probe
 from lbr_ray.errors import LbrError
 
 PORT_FLAGS = ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
@@ -65,11 +65,14 @@ def free_port() -> int:
 
 def loopback_env() -> dict[str, str]:
     """Environment for `ray` commands on the local head: Ray's loopback mode (else "127.0.0.1" is rewritten to the
-    machine's IP, where nothing listens), lbr's venv first on PATH (jobs find `lbr`), no inherited address."""
+    machine's IP, where nothing listens), lbr's venv first on PATH (jobs find `lbr`), no inherited address, and
+    token auth when a token exists."""
     env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
                PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     for k in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         env.pop(k, None)
+    if auth_token() and "RAY_AUTH_MODE" not in env:
+        env["RAY_AUTH_MODE"] = "token"  # `ray start` turns token auth on when a token exists; clients must follow
     return env
 
 

@@ -123,13 +123,25 @@ class EncoderRef:
 
             return CausalLMEncoder(self.path, device=device, **opts)
         if self.kind == "lbr":
-            from lbr_ray.model.encoder import Encoder as LbrEncoder  # written by the GR-CL stage (issue 4)
-
-            enc = LbrEncoder.from_pretrained(self.path)
+            enc = _lbr_encoder_class().from_pretrained(self.path)
             if not getattr(enc, "fingerprint", None):
                 enc.fingerprint = self.fingerprint
             return enc
         raise EncoderError(f"unknown encoder kind {self.kind!r}")
+
+
+def _lbr_encoder_class():
+    """The trained-model class of the GR-CL stage: lbr_ray.model.encoder.Encoder, or lbr_ray.Encoder."""
+    try:
+        from lbr_ray.model.encoder import Encoder as LbrEncoder
+    except ImportError:
+        import lbr_ray
+
+        LbrEncoder = getattr(lbr_ray, "Encoder", None)
+        if LbrEncoder is None:
+            raise EncoderError("this lbr-ray install cannot load trained models yet (no lbr_ray.model.encoder."
+                               "Encoder / lbr_ray.Encoder); export the model to sentence-transformers instead") from None
+    return LbrEncoder
 
 
 def load_encoder(path_or_name: str | Path, **options) -> EncoderRef:

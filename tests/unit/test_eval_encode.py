@@ -122,3 +122,24 @@ def test_bm25_through_the_evaluator(tmp_path):
     assert rows["all"]["n_queries"] == 30 and rows["all"]["corpus_size"] == 150
     assert 0.0 <= rows["all"]["recall@10"] <= rows["all"]["recall@100"] <= 1.0
     assert rows["easy"]["recall@10"] > rows["hard"]["recall@10"]  # lexical overlap by construction
+
+
+def test_lbr_model_folder_loads_through_the_trained_encoder_class(tmp_path, monkeypatch):
+    import sys
+    import types
+
+    class FakeLbrEncoder(HashEncoder):
+        @classmethod
+        def from_pretrained(cls, path):
+            enc = cls()
+            del enc.fingerprint  # the loader supplies one from the folder's files
+            enc.path = path
+            return enc
+
+    monkeypatch.setitem(sys.modules, "lbr_ray.model.encoder", types.SimpleNamespace(Encoder=FakeLbrEncoder))
+    (tmp_path / "lbr_ray.json").write_text('{"k": 4}')
+    ref = load_encoder(tmp_path)
+    enc = ref.load()
+    assert ref.kind == "lbr" and enc.path == str(tmp_path) and enc.fingerprint == ref.fingerprint
+    res = RetrievalEvaluator(_opts(tmp_path / "run", domains=("medical",)), log=lambda *_: None).evaluate(ref)
+    assert res["domains"]["medical"]["rows"][0]["n_queries"] == 30

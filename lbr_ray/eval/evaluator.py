@@ -156,10 +156,12 @@ class RetrievalEvaluator:
         diff = np.asarray(eset.query_difficulty)
         groups = [("all", "", np.ones(len(types), bool))]
         groups += [(g, g, diff == g) for g in GROUP_ORDER[1:] if (diff == g).any()]
-        groups += [(f"type:{t}", Counter(diff[types == t]).most_common(1)[0][0], types == t) for t in sorted(set(types))]
+        for t in sorted(set(types)):  # a type's difficulty: the most common one of its queries
+            groups.append((f"type:{t}", Counter(diff[types == t]).most_common(1)[0][0], types == t))
         rows = []
         for group, level, mask in groups:
-            row = {"group": group, "difficulty": level, "n_queries": int(mask.sum()), "corpus_size": len(eset.doc_texts)}
+            row = {"group": group, "difficulty": level, "n_queries": int(mask.sum()),
+                   "corpus_size": len(eset.doc_texts)}
             row.update({m: float(v[mask].mean()) for m, v in per.items()})
             rows.append(row)
         q_per_s = len(eset.queries) / max(run["search_seconds"], 1e-9)

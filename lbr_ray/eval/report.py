@@ -45,7 +45,8 @@ def _jsonable(x):
 def markdown(results: dict, title: str | None = None) -> str:
     o = results.get("options", {})
     lines = [f"# {title or 'Retrieval evaluation: ' + str(results.get('model'))}", ""]
-    lines.append(f"Method: {results['method']} · index: {o.get('index', '-') if results['method'] == 'dense' else 'BM25'}"
+    index = o.get("index", "-") if results["method"] == "dense" else "BM25"
+    lines.append(f"Method: {results['method']} · index: {index}"
                  f" · data: {o.get('data_root')} · test split · workers: {o.get('num_workers')}"
                  f" · caps: queries {o.get('max_queries') or 'none'}, corpus {o.get('max_corpus') or 'none'}")
     lines += ["", "Metrics: Recall@k = |relevant ∩ top-k| / |relevant|; NDCG@k with binary gains and ideal DCG over "

@@ -108,7 +108,8 @@ def _corpus_texts(path: Path) -> tuple[list[str], list[str]]:
         ids.append(rec["id"])
         texts.append(rec["text"])
     if not texts:
-        raise EvalSetError(f"empty corpus: {', '.join(map(str, files))} hold no passages; add passages or remove the file")
+        raise EvalSetError(f"empty corpus: {', '.join(map(str, files))} hold no passages; "
+                           "add passages or remove the file")
     return ids, texts
 
 

@@ -3,6 +3,7 @@ the embedding cache (a second run encodes nothing), Ray search == in-process sea
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -10,7 +11,8 @@ from typer.testing import CliRunner
 from cli.main import app
 
 pytestmark = pytest.mark.integration
-SMALL = ["--data-root", "data/demo", "--domains", "medical,code", "--max-queries", "20", "--max-corpus", "150",
+DEMO = str(Path(__file__).resolve().parents[2] / "data" / "demo")
+SMALL = ["--data-root", DEMO, "--domains", "medical,code", "--max-queries", "20", "--max-corpus", "150",
          "--batch-size", "32", "--max-length", "128"]
 
 

@@ -1,6 +1,7 @@
 """`lbr eval` options, bad input (one clear error each) and the report files, without Ray (--num-workers 0)."""
 import csv
 import json
+from pathlib import Path
 import subprocess
 import sys
 
@@ -12,8 +13,10 @@ from lbr_ray.errors import ConfigError, LbrError
 from lbr_ray.eval.encode import EncoderError
 from lbr_ray.eval.sets import EvalSetError
 
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = str(ROOT / "data" / "demo")
 runner = CliRunner()
-SMALL = ["--data-root", "data/demo", "--num-workers", "0", "--max-queries", "20", "--max-corpus", "100"]
+SMALL = ["--data-root", DEMO, "--num-workers", "0", "--max-queries", "20", "--max-corpus", "100"]
 
 
 def _invoke(*args):
@@ -38,7 +41,7 @@ def test_bm25_writes_all_reports(tmp_path):
     (["--baseline", "bm25", "--domains", "physics"], EvalSetError, "unknown domain 'physics'"),
     (["--baseline", "nope"], ConfigError, "--baseline must be one of"),
     ([], ConfigError, "--model is required"),
-    (["--model", "data/demo"], EncoderError, "not an lbr-ray or sentence-transformers model"),
+    (["--model", DEMO], EncoderError, "not an lbr-ray or sentence-transformers model"),
     (["--baseline", "base"], ConfigError, "--model is required"),
     (["--baseline", "bm25", "--data-root", "/no/such/folder"], LbrError, "is not a folder"),
 ])
@@ -50,6 +53,6 @@ def test_bad_input_is_one_clear_error(args, error, match):
 
 def test_console_entry_prints_one_line_and_exits_2():
     proc = subprocess.run([sys.executable, "-c", "from cli.main import main; main()", "eval", "--baseline", "bm25",
-                           "--domains", "physics", "--data-root", "data/demo"], capture_output=True, text=True)
+                           "--domains", "physics", "--data-root", DEMO], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: unknown domain 'physics'") and "Traceback" not in proc.stderr

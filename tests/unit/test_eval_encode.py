@@ -1,6 +1,7 @@
 """Encoders, the embedding cache and the evaluator, in-process (num_workers=0: no Ray)."""
 import hashlib
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +11,9 @@ from lbr_ray.eval.baselines import BM25Retriever, base_ref, minilm_path, minilm_
 from lbr_ray.eval.encode import EncoderError, encode_cached, load_encoder, model_kind, object_ref
 from lbr_ray.eval.evaluator import EvalOptions, RetrievalEvaluator
 
-DEMO = "data/demo"
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = str(ROOT / "data" / "demo")
+TINY = str(ROOT / "lbr_ray" / "assets" / "tiny-llama")
 
 
 class HashEncoder:
@@ -105,14 +108,14 @@ def test_minilm_encodes_offline():
 
 
 def test_base_model_last_token_pooling_is_seeded():
-    ref = base_ref("lbr_ray/assets/tiny-llama", from_scratch=True, seed=0)
+    ref = base_ref(TINY, from_scratch=True, seed=0)
     a, b = ref.load().encode(["hello world", "a longer text with more tokens"], 2), ref.load().encode(
         ["hello world", "a longer text with more tokens"], 1)
     assert a.shape == (2, 128) and np.allclose(a, b, atol=1e-5)  # same weights in every worker; padding-free
-    assert not np.allclose(a, base_ref("lbr_ray/assets/tiny-llama", from_scratch=True, seed=1).load().encode(
+    assert not np.allclose(a, base_ref(TINY, from_scratch=True, seed=1).load().encode(
         ["hello world", "a longer text with more tokens"], 2))
     with pytest.raises(LbrError, match="config.json"):
-        base_ref("data/demo")
+        base_ref(DEMO)
 
 
 def test_bm25_through_the_evaluator(tmp_path):

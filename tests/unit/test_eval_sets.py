@@ -1,6 +1,7 @@
 """Eval-set building on the bundled demo slice: split, grouping, de-duplication, caps and bad input."""
 import gzip
 import json
+from pathlib import Path
 
 import pytest
 
@@ -8,7 +9,8 @@ from lbr_ray.data.readers import read_all
 from lbr_ray.data.split import split_of, text_key
 from lbr_ray.eval.sets import EvalSetError, build_eval_set, difficulty
 
-DEMO = "data/demo"
+ROOT = Path(__file__).resolve().parents[2]
+DEMO = str(ROOT / "data" / "demo")
 
 
 def _write(path, records):

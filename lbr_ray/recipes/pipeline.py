@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from lbr_ray.config import LbrConfig
+from lbr_ray.errors import ConfigError
 from lbr_ray.data import ray_data
 from lbr_ray.train.launcher import StageResult, ensure_ray, print_config, run_stage
 
@@ -17,6 +18,7 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
     """Run the requested stage(s) and write <output>/summary.json."""
     t0 = t0 or time.time()
     print_config(cfg)
+    preflight(cfg, init)
     ensure_ray(cfg, address)
     summary = ray_data.summarize(cfg)  # streams once: file:line errors or counted skips, split sizes
     for line in summary.lines():
@@ -30,6 +32,25 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
         _print_stage(results["ib_gl"])
     _write_summary(cfg, summary, results, time.time() - t0)
     return results
+
+
+def preflight(cfg: LbrConfig, init: str | None = None) -> None:
+    """Fail in seconds, before Ray starts: data paths exist, the model and tokenizer load, init is a model."""
+    from transformers import AutoConfig
+
+    from lbr_ray.data.readers import resolve_paths
+    from lbr_ray.model.bottleneck import load_tokenizer, resolve_model_path
+    from lbr_ray.train.checkpoint import hf_dir
+
+    resolve_paths(cfg.data.pairs, "pairs")
+    if cfg.data.corpus:
+        resolve_paths(cfg.data.corpus, "corpus")
+    name = str(hf_dir(init)) if init else cfg.model.name
+    load_tokenizer(name, cfg.bottleneck.k_max)
+    try:
+        AutoConfig.from_pretrained(resolve_model_path(name))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.name: cannot load a model config from {name!r} ({str(e).splitlines()[0]})") from None
 
 
 def _print_stage(res: StageResult) -> None:

@@ -23,8 +23,14 @@ log = logging.getLogger("lbr_ray")
 def ensure_ray(cfg: LbrConfig, address: str | None = None) -> None:
     """Connect to `address`, or start an embedded local Ray sized for the run (logical CPUs may exceed the
     physical ones so Ray Data's tokenizer actors and the Train workers can share a small machine)."""
-    if ray.is_initialized():
-        return
+    if not ray.is_initialized():
+        _init_ray(cfg, address)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True  # same files + seed -> same stream (resume skips batches)
+    ctx.enable_progress_bars = False
+
+
+def _init_ray(cfg: LbrConfig, address: str | None) -> None:
     env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}} if not cfg.scaling.use_gpu else {}
     if address:
         ray.init(address=address, runtime_env=env or None, log_to_driver=True, logging_level=logging.WARNING)
@@ -32,9 +38,6 @@ def ensure_ray(cfg: LbrConfig, address: str | None = None) -> None:
         need = int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 2
         ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, runtime_env=env or None,
                  logging_level=logging.WARNING, log_to_driver=True)
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True  # same files + seed -> same stream (resume skips batches)
-    ctx.enable_progress_bars = False
 
 
 class MetricsLog(UserCallback):

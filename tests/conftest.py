@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny models built from configs (Llama from the bundled folder, Qwen2 from a config), demo data."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "demo"
+TINY = ROOT / "lbr_ray" / "assets" / "tiny-llama"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def tiny_qwen2_dir(tmp: Path, layers: int = 2) -> Path:
+    """A Qwen2 config (no BOS token, sink = EOS) next to the bundled tokenizer: a second architecture for tests."""
+    from transformers import AutoTokenizer, Qwen2Config
+
+    tok = AutoTokenizer.from_pretrained(TINY)
+    tok.bos_token = None
+    tok.save_pretrained(tmp)
+    Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                eos_token_id=2, pad_token_id=0, tie_word_embeddings=False).save_pretrained(tmp)
+    return tmp
+
+
+def tiny_llama_dir(tmp: Path, layers: int) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig
+
+    AutoTokenizer.from_pretrained(TINY).save_pretrained(tmp)
+    cfg = LlamaConfig.from_pretrained(TINY)
+    cfg.num_hidden_layers = layers
+    cfg.save_pretrained(tmp)
+    return tmp
+
+
+@pytest.fixture(scope="session")
+def demo_dir() -> Path:
+    return DEMO
+
+
+@pytest.fixture(scope="session")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    """name -> folder with config + tokenizer: llama (2 layers), qwen2 (2 layers), llama1 / qwen1 (1 layer)."""
+    base = tmp_path_factory.mktemp("models")
+    dirs = {"llama": TINY}
+    for name, make, layers in (("qwen2", tiny_qwen2_dir, 2), ("llama1", tiny_llama_dir, 1), ("qwen1", tiny_qwen2_dir, 1)):
+        d = base / name
+        d.mkdir()
+        dirs[name] = make(d, layers)
+    return dirs

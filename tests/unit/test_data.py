@@ -1,0 +1,127 @@
+"""Readers, validation (file and line named), skip counting, path resolution, split, token layouts."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from lbr_ray.config.schema import BottleneckConfig, SplitConfig
+from lbr_ray.data.readers import BadRecords, read_all, resolve_paths
+from lbr_ray.data.split import bucket, split_of
+from lbr_ray.data.tokenize import SequenceBuilder, num_bottleneck
+from lbr_ray.errors import DataError
+from lbr_ray.model.masks import B, SINK, X, Y
+
+
+def write_pairs(path, n=30, broken: dict[int, str] | None = None, gz=False):
+    lines = [json.dumps({"query": f"question {i}", "positive": f"answer {i}", "type": "qa"}) for i in range(n)]
+    for line_no, text in (broken or {}).items():
+        lines[line_no - 1] = text
+    data = "\n".join(lines) + "\n"
+    if gz:
+        with gzip.open(path, "wt") as fh:
+            fh.write(data)
+    else:
+        path.write_text(data)
+    return path
+
+
+@pytest.mark.parametrize("gz", [False, True])
+def test_broken_json_names_file_and_line(tmp_path, gz):
+    path = write_pairs(tmp_path / ("pairs.jsonl.gz" if gz else "pairs.jsonl"), broken={17: '{"query": "oops'}, gz=gz)
+    with pytest.raises(DataError) as info:
+        list(read_all(str(path), "pairs"))
+    assert info.value.line == 17 and info.value.path == str(path)
+    assert f"{path}:17" in str(info.value)
+
+
+@pytest.mark.parametrize("record, reason", [
+    ({"positive": "a"}, "missing field 'query'"),
+    ({"query": "  ", "positive": "a"}, "field 'query' is empty"),
+    ({"query": 3, "positive": "a"}, "must be a string"),
+    ({"query": "q", "positive": "a", "negatives": "n"}, "negatives"),
+    ([1, 2], "JSON object"),
+])
+def test_bad_fields_are_named(tmp_path, record, reason):
+    path = write_pairs(tmp_path / "pairs.jsonl", broken={5: json.dumps(record)})
+    with pytest.raises(DataError, match=reason) as info:
+        list(read_all(str(path), "pairs"))
+    assert info.value.line == 5
+
+
+def test_skip_mode_counts_every_bad_record(tmp_path):
+    path = write_pairs(tmp_path / "pairs.jsonl", broken={3: "nope", 9: json.dumps({"query": "q"})})
+    bad = BadRecords()
+    rows = list(read_all(str(path), "pairs", on_bad="skip", bad=bad))
+    assert len(rows) == 28 and bad.total == 2 and bad.counts[str(path)] == 2
+    assert rows[2]["_line"] == 4  # line numbers stay the file's own
+
+
+def test_corpus_ids_and_blank_lines(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"id": 1, "text": "a"}\n\n{"id": "x", "text": "b", "title": "t"}\n{"id": "", "text": "c"}\n')
+    with pytest.raises(DataError, match="'id'") as info:
+        list(read_all(str(path), "corpus"))
+    assert info.value.line == 4
+
+
+def test_resolve_paths_dirs_globs_and_kinds(tmp_path):
+    write_pairs(tmp_path / "pairs_a.jsonl")
+    write_pairs(tmp_path / "pairs_b.jsonl.gz", gz=True)
+    (tmp_path / "corpus.jsonl").write_text('{"id": 1, "text": "a"}\n')
+    assert [p.split("/")[-1] for p in resolve_paths(str(tmp_path), "pairs")] == ["pairs_a.jsonl", "pairs_b.jsonl.gz"]
+    assert len(resolve_paths(str(tmp_path / "pairs_*"), "pairs")) == 2
+    assert len(resolve_paths(str(tmp_path), "corpus")) == 1
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_paths(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(DataError, match="no pairs files"):
+        resolve_paths(str(tmp_path / "*.parquet"))
+
+
+def test_parquet_rows_are_numbered(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"query": ["a", "b", ""], "positive": ["x", "y", "z"]}), tmp_path / "p.parquet")
+    with pytest.raises(DataError) as info:
+        list(read_all(str(tmp_path / "p.parquet"), "pairs"))
+    assert info.value.line == 3
+
+
+def test_split_is_a_hash_of_the_query():
+    cfg = SplitConfig()
+    queries = [f"query number {i}" for i in range(2000)]
+    splits = [split_of(q, cfg) for q in queries]
+    assert splits == [split_of(q, cfg) for q in queries]  # deterministic
+    share = {s: splits.count(s) / len(splits) for s in ("train", "dev", "test")}
+    assert 0.07 < share["test"] < 0.13 and 0.07 < share["dev"] < 0.13
+    # METHOD.md: sha1 of the UTF-8 query, first 8 hex digits as int, mod 10
+    import hashlib
+
+    q = "What are the symptoms of SHORT syndrome ?"
+    assert bucket(q) == int(hashlib.sha1(q.encode()).hexdigest()[:8], 16) % 10
+
+
+def test_k_follows_ratio_or_fixed():
+    cfg = BottleneckConfig(ratio=100, k_min=1, k_max=16)
+    assert [num_bottleneck(n, cfg) for n in (1, 100, 101, 5000)] == [1, 1, 2, 16]
+    assert num_bottleneck(999, BottleneckConfig(k=5)) == 5
+
+
+def test_layouts(model_dirs):
+    from lbr_ray.model.bottleneck import load_tokenizer
+
+    tok = load_tokenizer(str(model_dirs["llama"]), 4)
+    sb = SequenceBuilder(tok, BottleneckConfig(ratio=4, k_max=4), 12, 8)
+    ids, seg = sb.stage1_rows(["one two three four five six seven eight nine ten"], "self", ib=True)[0]
+    n_x, n_b, n_y = seg.count(X), seg.count(B), seg.count(Y)
+    assert seg[0] == SINK and ids[0] == tok.bos_token_id
+    assert seg == [SINK] + [X] * n_x + [B] * n_b + [Y] * n_y
+    assert n_b == min(4, -(-n_x // 4)) and n_y == min(8, n_x)
+    assert ids[1 + n_x: 1 + n_x + n_b] == sb.b_ids[:n_b]
+    assert ids[1 + n_x + n_b:] == ids[1: 1 + n_y]  # target = input (self)
+    ids2, seg2 = sb.stage1_rows(["one two three four five six seven eight nine ten"], "self", ib=False)[0]
+    assert set(seg2) == {SINK, X}  # gl-cl: plain LM rows, no bottleneck
+    e_ids, e_seg = sb.embed_rows(["one two"])[0]
+    assert e_seg[-1] == B and Y not in e_seg

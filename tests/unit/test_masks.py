@@ -1,0 +1,153 @@
+"""The IB mask: exact zero attention from target to input in every layer, the 1-layer logit probe (with a plain
+causal mask as negative control), backend equivalence, padding and mixed lengths; Llama and Qwen2."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from lbr_ray.config.schema import BottleneckConfig, ModelConfig
+from lbr_ray.data.collate import pad_rows
+from lbr_ray.data.tokenize import SequenceBuilder
+from lbr_ray.model.bottleneck import BottleneckLM
+from lbr_ray.model.masks import B, PAD, SINK, X, Y, visibility
+from lbr_ray.model.selfcheck import attention_weights, check_mask
+from lbr_ray.errors import MaskLeakError
+
+TEXTS = ["Aspirin inhibits cyclooxygenase and platelet aggregation in the blood.",
+         "short",
+         "Insulin resistance precedes type 2 diabetes; metformin lowers hepatic glucose output over months."]
+
+
+def build(path, backend="dense", k=3, sink=True, lora=False):
+    cfg = ModelConfig(name=str(path), from_scratch=True, attn_backend=backend, lora=lora, lora_dropout=0.0)
+    model, tok = BottleneckLM.build(cfg, BottleneckConfig(k=k, k_max=4, sink=sink), seed=0)
+    return model.eval(), tok
+
+
+def batch(tok, k=3, texts=TEXTS, target="self"):
+    sb = SequenceBuilder(tok, BottleneckConfig(k=k, k_max=4), 24, 24)
+    rows = sb.stage1_rows(texts, target, ib=True)
+    return pad_rows([r[0] for r in rows], [r[1] for r in rows], tok.pad_token_id)
+
+
+def test_visibility_rule_table():
+    seg = torch.tensor([[SINK, X, X, B, B, Y, Y, PAD]])
+    allow = visibility(seg)[0]
+    assert allow[5, 1:3].sum() == 0 and allow[6, 1:3].sum() == 0  # Y never sees X
+    assert allow[5, 3:5].all() and allow[6, 5].item() and allow[5, 0].item()  # Y sees B, earlier Y, the sink
+    assert allow[3, 1:3].all() and allow[4, 0:5].all()  # B sees all of X and earlier B
+    assert not allow[1, 2] and not allow[5, 6]  # causal
+    assert not allow[:7, 7].any()  # nobody attends to padding
+    assert not visibility(seg, sink=False)[0, 5, 0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_zero_attention_from_target_to_input_in_every_layer(model_dirs, arch):
+    model, tok = build(model_dirs[arch])
+    ids, seg = batch(tok)
+    attns = attention_weights(model, ids, seg)
+    assert len(attns) == model.lm.config.num_hidden_layers
+    y_rows, x_cols, b_rows = seg == Y, seg == X, seg == B
+    for w in attns:  # [B, heads, T, T]
+        for r in range(ids.shape[0]):
+            assert torch.count_nonzero(w[r][:, y_rows[r]][:, :, x_cols[r]]) == 0
+            assert (w[r][:, b_rows[r]][:, :, x_cols[r]].sum(-1) > 0).all()  # bottleneck reads the input
+    assert check_mask(model, ids, seg)["y_to_x_weight"] == 0.0
+
+
+def _target_logits(model, ids, seg, ib=True):
+    hidden = model.hidden(ids, seg, ib=ib)
+    return model.lm_head(hidden)[seg == Y]
+
+
+@pytest.mark.parametrize("arch", ["llama1", "qwen1"])
+def test_one_layer_probe_targets_ignore_input_and_react_to_bottleneck(model_dirs, arch):
+    model, tok = build(model_dirs[arch])
+    ids, seg = batch(tok)
+    perturbed_x = ids.clone()
+    perturbed_x[seg == X] = torch.randint(5, 200, (int((seg == X).sum()),))
+    perturbed_b = ids.clone()
+    perturbed_b[seg == B] = torch.randint(5, 200, (int((seg == B).sum()),))  # other tokens in the b slots
+    with torch.no_grad():
+        base = _target_logits(model, ids, seg)
+        assert torch.equal(_target_logits(model, perturbed_x, seg), base)
+        assert (_target_logits(model, perturbed_b, seg) - base).abs().max() > 1e-3
+        # negative control: with the plain causal mask the same probe sees the input
+        causal = _target_logits(model, ids, seg, ib=False)
+        assert (_target_logits(model, perturbed_x, seg, ib=False) - causal).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("sink", [True, False])
+def test_kv_split_matches_dense_reference(model_dirs, arch, sink):
+    dense, tok = build(model_dirs[arch], "dense", sink=sink)
+    ids, seg = batch(tok, target="continuation")
+    kv = BottleneckLM(dense.lm, dense.bottleneck_ids, "kv_split", sink)
+    with torch.no_grad():
+        ref, got = dense.hidden(ids, seg), kv.hidden(ids, seg)
+    valid = seg != PAD
+    assert (ref - got)[valid].abs().max() < 1e-5
+
+
+def test_flex_matches_dense_reference(model_dirs):
+    dense, tok = build(model_dirs["llama"], "dense")
+    ids, seg = batch(tok)
+    flex, _ = build(model_dirs["llama"], "flex")
+    flex.lm.load_state_dict(dense.lm.state_dict())
+    with torch.no_grad():
+        ref, got = dense.hidden(ids, seg), flex.hidden(ids, seg)
+    assert (ref - got)[seg != PAD].abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["dense", "kv_split"])
+def test_padding_and_mixed_lengths_match_unpadded_rows(model_dirs, backend):
+    model, tok = build(model_dirs["llama"], backend)
+    ids, seg = batch(tok)
+    with torch.no_grad():
+        together = model.hidden(ids, seg)
+        for r in range(ids.shape[0]):
+            n = int((seg[r] != PAD).sum())
+            alone = model.hidden(ids[r: r + 1, :n], seg[r: r + 1, :n])
+            assert (together[r, :n] - alone[0]).abs().max() < 1e-5
+
+
+def test_self_check_catches_an_ignored_mask(model_dirs, monkeypatch):
+    model, tok = build(model_dirs["llama"])
+    ids, seg = batch(tok)
+    import lbr_ray.model.selfcheck as sc
+
+    def leaky(decoder, ids, seg, ib=True, sink=True, output_attentions=False):  # a mask silently dropped
+        out = decoder(input_ids=ids, attention_mask=(seg != PAD).long(), output_attentions=output_attentions)
+        return (out.last_hidden_state, out.attentions) if output_attentions else out.last_hidden_state
+
+    monkeypatch.setattr(sc, "dense_hidden", leaky)
+    with pytest.raises(MaskLeakError, match="attend to input"):
+        check_mask(model, ids, seg)
+
+
+def test_lora_model_keeps_mask_and_trains_bottleneck_rows(model_dirs):
+    model, tok = build(model_dirs["llama"], lora=True)
+    ids, seg = batch(tok)
+    check_mask(model, ids, seg)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_" in n for n in names) and any("trainable_tokens" in n for n in names)
+    assert not any(n.endswith("embed_tokens.weight") and "trainable" not in n for n in names)
+
+
+def test_embed_uses_last_bottleneck_state(model_dirs):
+    model, tok = build(model_dirs["llama"])
+    sb = SequenceBuilder(tok, BottleneckConfig(k=3, k_max=4), 24, 24)
+    rows = sb.embed_rows(TEXTS)
+    ids, seg = pad_rows([r[0] for r in rows], [r[1] for r in rows], tok.pad_token_id)
+    with torch.no_grad():
+        emb = model.embed(ids, seg)
+        hidden = model.hidden(ids, seg, ib=False)
+    assert torch.allclose(emb.norm(dim=-1), torch.ones(len(TEXTS)))
+    for r, (row_ids, _) in enumerate(rows):
+        expect = torch.nn.functional.normalize(hidden[r, len(row_ids) - 1], dim=-1)
+        assert torch.allclose(emb[r], expect, atol=1e-6)
+    with torch.no_grad():
+        mean = model.embed(ids, seg, pooling="mean")
+    assert not torch.allclose(mean, emb)

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from cli.options import AddressOpt
+from cli.options import AddressOpt, ClusterOpt
 
 EXAMPLES = """Examples:
 
@@ -55,12 +55,19 @@ def eval_command(
     gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Use GPUs (default: when Ray sees any).",
                                                 show_default=False)] = None,
     address: AddressOpt = None,
+    cluster: ClusterOpt = None,
 ) -> None:
     """Evaluate retrieval (R@10, NDCG@10, MRR@10, R@100) per domain and pair type; write reports.
 
     Each domain's test queries rank its test positives plus its corpus passages. Passages are embedded by a Ray Data
     actor pool (cached by model and corpus hash) and searched in sharded FAISS indexes in parallel Ray actors.
     """
+    if cluster or (address and address.startswith(("http://", "https://"))):  # run it as a Ray job there
+        import sys
+
+        from lbr_ray.cluster.jobs import submit_as_job
+
+        raise typer.Exit(submit_as_job(sys.argv[1:], cluster=cluster, address=address))
     from lbr_ray.errors import ConfigError
     from lbr_ray.eval.baselines import BASELINES, BM25Retriever, base_ref, minilm_ref
     from lbr_ray.eval.encode import load_encoder

@@ -128,8 +128,11 @@ def _wait_for_jobs_api(state: HeadState, deadline: float) -> None:
         time.sleep(0.5)
 
 
-def stop_head(name: str, grace_s: float = 10.0) -> bool:
-    """Stop the head recorded for `name` (only its own processes); False when none was recorded."""
+def stop_head(name: str, grace_s: float = 3.0) -> bool:
+    """Stop the head recorded for `name` (only its own processes); False when none was recorded.
+
+    SIGTERM, then SIGKILL after `grace_s`: raylet and GCS drain for 10+ s on SIGTERM, pointless for a head whose
+    every process is going away (a running job is killed with it)."""
     state = read_state(name)
     if state is None:
         return False

@@ -96,3 +96,15 @@ def test_local_head_takes_only_resource_flags_from_the_file():
     cfg = {"head_start_ray_commands": ["ray stop", "ulimit -n 65536; ray start --head --port=6379 --num-gpus 1 "
                                        "--resources='{\"x\": 1}' --dashboard-host=0.0.0.0"]}
     assert head_start_args(cfg) == ["--num-gpus", "1", "--resources", '{"x": 1}']
+
+
+def test_cluster_file_resolves_to_the_recorded_local_head(tmp_path, monkeypatch):
+    import json
+
+    from lbr_ray.cluster.launch import dashboard_address
+
+    monkeypatch.setenv("LBR_CLUSTER_STATE_DIR", str(tmp_path))
+    (tmp_path / "lbr-local.json").write_text(json.dumps({
+        "cluster_name": "lbr-local", "dashboard": "http://127.0.0.1:40001", "gcs_address": "127.0.0.1:40000",
+        "temp_dir": "/tmp/x", "config": "clusters/local.yaml", "started_at": 0.0}))
+    assert dashboard_address(CLUSTERS / "local.yaml") == "http://127.0.0.1:40001"

@@ -44,6 +44,7 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint.")] = False,
     init: Annotated[Optional[Path], typer.Option(help="Stage-1 model or checkpoint to start gr-cl from.")] = None,
     variant: Annotated[Optional[str], typer.Option(help="lbr (default), gl-cl (stage 1 without the bottleneck mask) or cl (contrastive only).")] = None,
+    match_compute: Annotated[bool, typer.Option("--match-compute", help="With --variant cl: give stage 2 the two-stage variants' total compute (tokens) as extra steps.")] = False,
     overrides: SetOpt = None,
     address: AddressOpt = None,
     cluster: ClusterOpt = None,
@@ -62,7 +63,8 @@ def train(
         data = f"[{data}]"
     cfg = config_with_options(config, overrides, num_workers=num_workers, output=output, resume=resume,
                               variant=variant, data=data)
-    run_train(cfg, stage=stage, init=str(init) if init else None, address=address, t0=t0)
+    run_train(cfg, stage=stage, init=str(init) if init else None, address=address, t0=t0,
+              match_compute=match_compute)
 
 
 def register(app: typer.Typer) -> None:

@@ -148,6 +148,40 @@ class TokenizeStage1:
         return _columns("ib", rows)
 
 
+class TokenizeStage2:
+    """Class UDF for GR-CL: query/positive (+ hard negatives, + the IB row query -> positive when gen_weight > 0)."""
+
+    def __init__(self, cfg_dict: dict, tokenizer_path: str):
+        from lbr_ray.config import config_from_dict
+        from lbr_ray.data.tokenize import SequenceBuilder
+        from lbr_ray.model.bottleneck import load_tokenizer
+
+        cfg = config_from_dict(cfg_dict)
+        self.hard, self.gen = cfg.gr_cl.hard_negatives, cfg.gr_cl.gen_weight > 0
+        tok = load_tokenizer(tokenizer_path, cfg.bottleneck.k_max)
+        self.builder = SequenceBuilder(tok, cfg.bottleneck, cfg.data.max_input_tokens, cfg.data.max_target_tokens)
+
+    def __call__(self, batch: dict) -> dict:
+        queries, positives = list(batch["query"]), list(batch["positive"])
+        out = {**_columns("q", self.builder.embed_rows(queries)), **_columns("p", self.builder.embed_rows(positives))}
+        for h in range(self.hard):
+            negs = []
+            for negatives, path, line in zip(batch["negatives"], batch["_file"], batch["_line"]):
+                if len(negatives) == 0:
+                    raise DataError(path, int(line), f"gr_cl.hard_negatives={self.hard} but the record has no "
+                                                     "'negatives'")
+                negs.append(negatives[h % len(negatives)])  # fewer than asked: reuse them in turn
+            out.update(_columns(f"n{h}", self.builder.embed_rows(negs)))
+        if self.gen:
+            out.update(_columns("ib", self.builder.pair_rows(queries, positives)))
+        return out
+
+
+def stage2_dataset(cfg: LbrConfig, tokenizer_path: str) -> ray.data.Dataset:
+    return pairs(cfg, "train").map_batches(TokenizeStage2, fn_constructor_args=(_plain(cfg), tokenizer_path),
+                                           batch_size=256, concurrency=1, num_cpus=0.5)
+
+
 def _columns(prefix: str, rows) -> dict:
     return {f"{prefix}_ids": np.array([np.asarray(r[0], dtype=np.int64) for r in rows] + [None], dtype=object)[:-1],
             f"{prefix}_seg": np.array([np.asarray(r[1], dtype=np.int8) for r in rows] + [None], dtype=object)[:-1]}

@@ -83,9 +83,10 @@ def domain_dir(data_root: str | Path, domain: str) -> Path:
     return path
 
 
-def _split_queries(path: Path, split: SplitConfig, which: str) -> dict[str, dict]:
-    """{query: {"positives": [...], "type": first pair's type, "source": ...}} for one split, in file order."""
-    files = sorted(path.glob("pairs*"))
+def _split_queries(path: Path | list[str], split: SplitConfig, which: str) -> dict[str, dict]:
+    """{query: {"positives": [...], "type": first pair's type, "source": ...}} for one split, in file order.
+    `path` is a domain folder (its pairs* files) or an explicit list of pairs files."""
+    files = sorted(path.glob("pairs*")) if isinstance(path, Path) else list(path)
     if not files:
         raise EvalSetError(f"no pairs*.jsonl(.gz) in {path}: the domain has no queries/qrels to evaluate")
     grouped: dict[str, dict] = {}
@@ -99,8 +100,8 @@ def _split_queries(path: Path, split: SplitConfig, which: str) -> dict[str, dict
     return grouped
 
 
-def _corpus_texts(path: Path) -> tuple[list[str], list[str]]:
-    files = sorted(path.glob("corpus*"))
+def _corpus_texts(path: Path | list[str]) -> tuple[list[str], list[str]]:
+    files = sorted(path.glob("corpus*")) if isinstance(path, Path) else list(path)
     if not files:
         return [], []
     ids, texts = [], []
@@ -129,11 +130,25 @@ def build_eval_set(data_root: str | Path, domain: str, split: SplitConfig = Spli
     With max_corpus, all positives of the kept queries stay and distractors fill the rest (if the positives alone
     exceed the cap, the corpus is just the positives)."""
     path = domain_dir(data_root, domain)
-    grouped = _split_queries(path, split, which)
+    return _build(domain, path, path, split, max_queries, max_corpus, seed, which)
+
+
+def build_eval_set_from_files(pairs: list[str], corpus: list[str], domain: str = "train-data",
+                              split: SplitConfig = SplitConfig(), max_queries: int | None = None,
+                              max_corpus: int | None = None, seed: int = 0, which: str = "dev") -> EvalSet:
+    """The same eval set from explicit files (a training config's data.pairs / data.corpus)."""
+    from lbr_ray.data.readers import resolve_paths
+
+    corpus_files = resolve_paths(corpus, "corpus") if corpus else []
+    return _build(domain, resolve_paths(pairs, "pairs"), corpus_files, split, max_queries, max_corpus, seed, which)
+
+
+def _build(domain, pairs_src, corpus_src, split, max_queries, max_corpus, seed, which) -> EvalSet:
+    grouped = _split_queries(pairs_src, split, which)
     queries = list(grouped)
     keep = _by_hash(queries, max_queries, seed)
     queries = [q for i, q in enumerate(queries) if i in keep]
-    corpus_ids, corpus_texts = _corpus_texts(path)
+    corpus_ids, corpus_texts = _corpus_texts(corpus_src)
 
     doc_ids, doc_texts, row_of = [], [], {}
 
@@ -164,4 +179,4 @@ def build_eval_set(data_root: str | Path, domain: str, split: SplitConfig = Spli
     )
 
 
-__all__ = ["EvalSet", "EvalSetError", "build_eval_set", "difficulty", "available_domains"]
+__all__ = ["EvalSet", "EvalSetError", "build_eval_set", "build_eval_set_from_files", "difficulty", "available_domains"]

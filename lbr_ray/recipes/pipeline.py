@@ -1,22 +1,31 @@
-"""`lbr train`: stage 1 (IB-GL), stage 2 (GR-CL) or both, for the variants lbr / gl-cl / cl."""
+"""`lbr train`: stage 1 (IB-GL), stage 2 (GR-CL) or both, for the variants lbr / gl-cl / cl.
+
+lbr   : IB-GL (bottleneck mask) then GR-CL from its merged weights
+gl-cl : stage 1 without the mask (plain causal LM on the same texts), then GR-CL
+cl    : GR-CL from the base model; with match_compute its stage 2 gets the two-stage variants' total compute
+"""
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
 
-from lbr_ray.config import LbrConfig
-from lbr_ray.errors import ConfigError
+from lbr_ray.config import LbrConfig, replace
 from lbr_ray.data import ray_data
+from lbr_ray.errors import ConfigError
 from lbr_ray.train.launcher import StageResult, ensure_ray, print_config, run_stage
 
 STAGES = ("ib-gl", "gr-cl", "all")
 
 
 def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address: str | None = None,
-          t0: float | None = None) -> dict[str, StageResult]:
+          t0: float | None = None, match_compute: bool = False) -> dict[str, StageResult]:
     """Run the requested stage(s) and write <output>/summary.json."""
     t0 = t0 or time.time()
+    if stage == "gr-cl" and init is None and cfg.run.variant != "cl":
+        raise ConfigError("--stage gr-cl starts from a stage-1 model: pass --init RUN/ib_gl/model (or --variant cl)")
+    if match_compute and cfg.run.variant != "cl":
+        raise ConfigError("--match-compute is for --variant cl (the baseline given the two-stage compute)")
     print_config(cfg)
     preflight(cfg, init)
     ensure_ray(cfg, address)
@@ -28,10 +37,59 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
         from lbr_ray.recipes import ib_gl
 
         ds = {"train": ray_data.stage1_dataset(cfg, summary.heldout_keys)}
-        results["ib_gl"] = run_stage(cfg, "ib_gl", ib_gl.train_fn, ds, init=init, t0=t0)
+        results["ib_gl"] = run_stage(cfg, "ib_gl", ib_gl.train_fn, ds, t0=t0)
         _print_stage(results["ib_gl"])
+        init = str(results["ib_gl"].model_dir)
+    if stage in ("gr-cl", "all"):
+        results["gr_cl"] = _run_gr_cl(cfg, init, t0, match_compute)
     _write_summary(cfg, summary, results, time.time() - t0)
     return results
+
+
+def _run_gr_cl(cfg: LbrConfig, init: str | None, t0: float, match_compute: bool) -> StageResult:
+    from lbr_ray.eval.sets import build_eval_set_from_files
+    from lbr_ray.recipes import gr_cl
+    from lbr_ray.train.checkpoint import hf_dir
+
+    if match_compute:
+        steps = matched_steps(cfg)
+        print(f"[lbr] match-compute: cl gets {steps} stage-2 steps (= the two-stage variants' compute)", flush=True)
+        cfg = replace(cfg, gr_cl={"max_steps": steps})
+    init = str(hf_dir(init)) if init else None
+    dev = build_eval_set_from_files(list(cfg.data.pairs), list(cfg.data.corpus), split=cfg.data.split,
+                                    max_queries=cfg.gr_cl.eval_queries, max_corpus=cfg.gr_cl.eval_corpus,
+                                    seed=cfg.run.seed, which="dev")
+    dev_payload = {"queries": dev.queries, "docs": dev.doc_texts, "qrels": [q.tolist() for q in dev.qrels]}
+    ds = {"train": ray_data.stage2_dataset(cfg, init or cfg.model.name)}
+    res = run_stage(cfg, "gr_cl", gr_cl.train_fn, ds, init=init, extra={"dev": dev_payload}, t0=t0)
+    _print_stage(res)
+    devs = [m for m in res.metrics if "dev_recall@10" in m]
+    if devs:
+        print(f"[lbr] dev R@10: {devs[0]['dev_recall@10']:.4f} at step {devs[0]['step']} -> "
+              f"{devs[-1]['dev_recall@10']:.4f} at step {devs[-1]['step']} "
+              f"({len(dev.queries)} dev queries, {len(dev.doc_texts)} passages)", flush=True)
+    return res
+
+
+def matched_steps(cfg: LbrConfig, sample: int = 512) -> int:
+    """Stage-2 steps whose token count (forward+backward cost of a fixed model) equals stage 1 + stage 2 of the
+    two-stage variants, from the mean token counts of a deterministic sample of each stage's rows."""
+    from lbr_ray.data.readers import read_all
+    from lbr_ray.data.split import split_of
+    from lbr_ray.data.tokenize import SequenceBuilder
+    from lbr_ray.model.bottleneck import load_tokenizer
+
+    tok = load_tokenizer(cfg.model.name, cfg.bottleneck.k_max)
+    sb = SequenceBuilder(tok, cfg.bottleneck, cfg.data.max_input_tokens, cfg.data.max_target_tokens)
+    train = [r for r in read_all(cfg.data.pairs, "pairs") if split_of(r["query"], cfg.data.split) == "train"]
+    rows = train[:sample]
+    stage1 = sb.stage1_rows([r["positive"] for r in rows], cfg.ib_gl.target, ib=True)
+    per_row1 = sum(len(ids) for ids, _ in stage1) / len(stage1)
+    per_row2 = sum(len(ids) for ids, _ in sb.embed_rows([r["query"] for r in rows] + [r["positive"] for r in rows]))
+    per_row2 = per_row2 / len(rows)  # query + positive
+    stage1_tokens = cfg.ib_gl.max_steps * cfg.ib_gl.batch_size * cfg.ib_gl.grad_accum * per_row1
+    per_step2 = cfg.gr_cl.batch_size * cfg.gr_cl.grad_accum * per_row2
+    return cfg.gr_cl.max_steps + round(stage1_tokens / per_step2)
 
 
 def preflight(cfg: LbrConfig, init: str | None = None) -> None:
@@ -55,19 +113,23 @@ def preflight(cfg: LbrConfig, init: str | None = None) -> None:
 
 def _print_stage(res: StageResult) -> None:
     last = res.last
-    figures = {k: round(last[k], 4) for k in ("loss", "tokens_per_s", "steps_per_s", "first_step_s") if k in last}
+    keys = ("loss", "tokens_per_s", "steps_per_s", "first_step_s", "dev_recall@10")
+    figures = {k: round(last[k], 4) for k in keys if k in last}
     print(f"[lbr] {res.stage} done in {res.wall_s:.1f}s: {figures}; model: {res.model_dir}", flush=True)
 
 
 def _write_summary(cfg: LbrConfig, data, results: dict[str, StageResult], wall_s: float) -> None:
     out = Path(cfg.run.output).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
+    dev = {k: [m for m in r.metrics if "dev_recall@10" in m] for k, r in results.items()}
     doc = {"variant": cfg.run.variant, "wall_s": wall_s,
            "data": {"pairs_by_split": dict(data.pairs_by_split), "corpus": data.corpus,
                     "bad_records": data.bad, "bad_by_file": dict(data.bad_by_file),
                     "bad_examples": data.bad_examples},
-           "stages": {k: {"model": str(r.model_dir), "wall_s": r.wall_s, "last": r.last} for k, r in results.items()}}
+           "stages": {k: {"model": str(r.model_dir), "wall_s": r.wall_s, "last": r.last,
+                          "dev": dev[k][-1] if dev[k] else None, "dev_step0": dev[k][0] if dev[k] else None}
+                      for k, r in results.items()}}
     (out / "summary.json").write_text(json.dumps(doc, indent=2, default=str))
 
 
-__all__ = ["train", "STAGES"]
+__all__ = ["train", "matched_steps", "STAGES"]

@@ -1,0 +1,83 @@
+"""Encoder: a trained lbr-ray model as a text embedder (no Ray). Training, evaluation and export all embed
+through BottleneckLM.embed on SequenceBuilder.embed_rows, so the three cannot drift apart.
+
+    enc = Encoder.from_pretrained("runs/demo/gr_cl/model")
+    emb = enc.encode(["what is insulin?"], batch_size=32)   # np.float32 [N, D], L2-normalised
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lbr_ray.config.schema import BottleneckConfig
+from lbr_ray.data.collate import pad_rows
+from lbr_ray.data.tokenize import SequenceBuilder
+from lbr_ray.errors import CheckpointError
+from lbr_ray.model.bottleneck import DTYPES, BottleneckLM
+
+CARD = "lbr_ray.json"
+
+
+def bottleneck_from_card(card: dict) -> BottleneckConfig:
+    return BottleneckConfig(ratio=card["ratio"], k=card["k"], k_min=card["k_min"], k_max=card["k_max"],
+                            sink=card["sink"], pooling=card["pooling"])
+
+
+class Encoder:
+    def __init__(self, model: BottleneckLM, tokenizer, bottleneck: BottleneckConfig, max_input_tokens: int,
+                 fingerprint: str = ""):
+        self.model, self.tokenizer, self.bottleneck = model, tokenizer, bottleneck
+        self.builder = SequenceBuilder(tokenizer, bottleneck, max_input_tokens, max_input_tokens)
+        self.fingerprint = fingerprint
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | None = None, dtype: str | None = None) -> "Encoder":
+        """Load an lbr-ray model folder (HF weights + tokenizer + lbr_ray.json), e.g. <run>/gr_cl/model."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from lbr_ray.train.checkpoint import hf_dir
+
+        folder = hf_dir(path)
+        card = json.loads((folder / CARD).read_text())
+        if card.get("format") != "lbr-ray":
+            raise CheckpointError(f"{folder / CARD} is not an lbr-ray model card")
+        tok = AutoTokenizer.from_pretrained(folder)
+        lm = AutoModelForCausalLM.from_pretrained(folder, dtype=DTYPES[dtype] if dtype else "auto")
+        lm.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+        model = BottleneckLM(lm, card["bottleneck_ids"], "dense", card["sink"])
+        return cls(model, tok, bottleneck_from_card(card), card["max_input_tokens"], _fingerprint(folder))
+
+    @torch.no_grad()
+    def encode(self, texts: list[str], batch_size: int = 32, show_progress: bool = False) -> np.ndarray:
+        """L2-normalised embeddings [N, D] (float32), in the order of `texts`."""
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        rows = self.builder.embed_rows(list(texts))
+        order = np.argsort([-len(r[0]) for r in rows], kind="stable")  # similar lengths together: less padding
+        out = np.zeros((len(rows), self.dim), dtype=np.float32)
+        for start in range(0, len(rows), batch_size):
+            idx = order[start: start + batch_size]
+            ids, seg = pad_rows([rows[i][0] for i in idx], [rows[i][1] for i in idx], self.tokenizer.pad_token_id)
+            emb = self.model.embed(ids.to(device), seg.to(device), self.bottleneck.pooling)
+            out[idx] = emb.float().cpu().numpy()
+        self.model.train(was_training)
+        return out
+
+    @property
+    def dim(self) -> int:
+        return self.model.decoder.get_input_embeddings().weight.shape[1]
+
+
+def _fingerprint(folder: Path) -> str:
+    """Content hash of the weights and the card: the embedding cache key of an unchanged model stays the same."""
+    h = hashlib.sha1()
+    for f in sorted(folder.glob("*.safetensors")) + [folder / CARD]:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()

@@ -11,7 +11,7 @@ PROBE_TIMEOUT = (3.0, 5.0)
 
 
 def auth_token() -> str | None:
-    """Ray's dashboard token (Ray >= 2.5x token auth): $RAY_AUTH_TOKEN, else $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
+    """Ray's dashboard token (token auth): $RAY_AUTH_TOKEN, else the file $RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
     if token:
         return token

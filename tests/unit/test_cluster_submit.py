@@ -118,3 +118,15 @@ def test_cluster_and_address_together_is_a_config_error():
         submit_as_job([], cluster=Path("clusters/local.yaml"), address="http://127.0.0.1:1")
     with pytest.raises(ConfigError, match="not a Ray dashboard URL"):
         submit_as_job([], address="127.0.0.1:6379")
+
+
+def test_job_entrypoint_joins_the_cluster_and_carries_lbr_variables(monkeypatch):
+    from lbr_ray.cluster.jobs import job_entrypoint
+
+    for k in [k for k in __import__("os").environ if k.startswith("LBR_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("LBR_DEBUG", "1 2")
+    cmd = job_entrypoint(["train", "--config", "configs/demo.yaml"], REPO / "configs", REPO)
+    assert cmd == "cd configs && DS_ACCELERATOR=cpu LBR_DEBUG='1 2' lbr train --config configs/demo.yaml --address auto"
+    assert job_entrypoint(["eval"], REPO, REPO).endswith("lbr eval --address auto")

@@ -121,9 +121,11 @@ def test_cluster_and_address_together_is_a_config_error():
 
 
 def test_job_entrypoint_joins_the_cluster_and_carries_lbr_variables(monkeypatch):
-    from lbr_ray.cluster.jobs import job_entrypoint
+    import os
 
-    for k in [k for k in __import__("os").environ if k.startswith("LBR_")]:
+    from lbr_ray.cluster.jobs import PASS_ENV, job_entrypoint
+
+    for k in [k for k in os.environ if k.startswith("LBR_") or k in PASS_ENV]:
         monkeypatch.delenv(k)
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     monkeypatch.setenv("LBR_DEBUG", "1 2")

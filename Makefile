@@ -22,6 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
+	rm -rf runs/demo
 	DS_ACCELERATOR=cpu $(BIN)/lbr train --stage all --config configs/demo.yaml --num-workers $(WORKERS) --output runs/demo
 
 test: setup

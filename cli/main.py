@@ -16,11 +16,11 @@ app = typer.Typer(
     add_completion=False,
 )
 
-from cli import train as _train  # noqa: E402  (commands register themselves on `app`)
+from cli import cluster, export, train  # noqa: E402  (each module registers its commands on `app`)
+from cli import eval as evaluate  # noqa: E402
 
-_train.register(app)
-from cli import cluster as _cluster; _cluster.register(app)  # noqa: E402,E702
-from cli import eval as _eval; _eval.register(app)  # noqa: E402,E702
+for _module in (train, evaluate, export, cluster):
+    _module.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,1 @@
+"""Export: merged HF model + sentence-transformers folder, and an MTEB wrapper."""

@@ -31,10 +31,11 @@ def ensure_ray(cfg: LbrConfig, address: str | None = None) -> None:
 
 
 def _init_ray(cfg: LbrConfig, address: str | None) -> None:
-    env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}} if not cfg.scaling.use_gpu else {}
-    if address:
-        ray.init(address=address, runtime_env=env or None, log_to_driver=True, logging_level=logging.WARNING)
+    address = address or os.environ.get("RAY_ADDRESS")  # inside a Ray job: the job's cluster
+    if address:  # the workers pick their DeepSpeed accelerator themselves (train.worker.WorkerRun)
+        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
     else:
+        env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}} if not cfg.scaling.use_gpu else {}
         need = int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 2
         ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, runtime_env=env or None,
                  logging_level=logging.WARNING, log_to_driver=True)

@@ -1,0 +1,88 @@
+"""Stage 2 and the two-stage pipeline on real Ray Train + DeepSpeed (2 CPU workers), export, variants."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from lbr_ray.config import load_config
+
+pytestmark = pytest.mark.integration
+SMALL = ["data.max_input_tokens=48", "data.max_target_tokens=48", "ib_gl.batch_size=8", "ib_gl.warmup_steps=3",
+         "gr_cl.warmup_steps=3", "gr_cl.batch_size=16", "gr_cl.eval_queries=100", "gr_cl.eval_corpus=400",
+         "bottleneck.k=2"]
+
+
+@pytest.fixture(scope="module")
+def lbr_run(ray_local, tmp_path_factory):
+    from lbr_ray.recipes.pipeline import train
+
+    out = tmp_path_factory.mktemp("lbr")
+    cfg = load_config("configs/demo.yaml", SMALL + ["ib_gl.max_steps=20", "gr_cl.max_steps=40", "gr_cl.log_every=5",
+                                                    "gr_cl.eval_every=20", f"run.output={out}"])
+    return out, train(cfg, stage="all")
+
+
+def test_two_stage_run_loss_falls_and_dev_recall_rises(lbr_run):
+    out, results = lbr_run
+    gr = results["gr_cl"]
+    losses = [m["nce_loss"] for m in gr.metrics if "nce_loss" in m]
+    assert losses[-1] < losses[0], losses
+    dev = [m for m in gr.metrics if "dev_recall@10" in m]
+    assert dev[0]["step"] == 0 and dev[-1]["step"] == 40
+    assert dev[-1]["dev_recall@10"] > dev[0]["dev_recall@10"]
+    assert all("emb_std" in m and "emb_mean_cos" in m for m in gr.metrics if "nce_loss" in m)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["stages"]) == {"ib_gl", "gr_cl"}
+    assert (out / "ib_gl" / "model" / "lbr_ray.json").is_file() and (out / "gr_cl" / "model" / "lbr_ray.json").is_file()
+
+
+def test_export_matches_lbr_embeddings_without_importing_lbr(lbr_run, tmp_path):
+    from lbr_ray.export.sentence_transformers import export
+    from lbr_ray.model.encoder import Encoder
+
+    out, _ = lbr_run
+    folder = export(out, tmp_path / "st")
+    texts = ["What are the symptoms of diabetes?", "insulin", "A long passage about kidneys. " * 40]
+    ours = Encoder.from_pretrained(out / "gr_cl" / "model").encode(texts, batch_size=2)
+    code = ("import sys, json; from sentence_transformers import SentenceTransformer; "
+            "m = SentenceTransformer(sys.argv[1], device='cpu'); "
+            "print(json.dumps(m.encode(json.loads(sys.argv[2]), batch_size=2).tolist())); "
+            "print('LBR_IMPORTED', any(k.startswith('lbr_ray') for k in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code, str(folder), json.dumps(texts)], capture_output=True,
+                         text=True, timeout=300, cwd=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    theirs = np.array(json.loads(lines[-2]))
+    assert lines[-1] == "LBR_IMPORTED False"
+    assert (np.sum(ours * theirs, axis=1) >= 0.9999).all()
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(folder)  # the same folder is a merged HF causal LM
+
+
+@pytest.mark.parametrize("variant", ["gl-cl", "cl"])
+def test_variants_run(ray_local, tmp_path, variant):
+    from lbr_ray.recipes.pipeline import train
+
+    cfg = load_config("configs/demo.yaml", SMALL + ["ib_gl.max_steps=4", "gr_cl.max_steps=4", "gr_cl.log_every=2",
+                                                    "gr_cl.eval_every=0", f"run.output={tmp_path}",
+                                                    f"run.variant={variant}"])
+    results = train(cfg, stage="all")
+    assert set(results) == ({"gr_cl"} if variant == "cl" else {"ib_gl", "gr_cl"})
+    if variant == "gl-cl":  # stage 1 was a plain LM: no target tokens, loss on the input
+        assert results["ib_gl"].last["target_loss"] == 0 and results["ib_gl"].last["input_loss"] > 0
+    assert results["gr_cl"].last["step"] == 4
+
+
+def test_match_compute_gives_cl_the_two_stage_budget():
+    from lbr_ray.recipes.pipeline import matched_steps
+
+    cfg = load_config("configs/demo.yaml", ["run.variant=cl"])
+    steps = matched_steps(cfg)
+    assert steps > cfg.gr_cl.max_steps
+    more = matched_steps(load_config("configs/demo.yaml", ["run.variant=cl", "ib_gl.max_steps=300"]))
+    assert more - cfg.gr_cl.max_steps == pytest.approx(2 * (steps - cfg.gr_cl.max_steps), abs=1)

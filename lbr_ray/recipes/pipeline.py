@@ -19,8 +19,9 @@ STAGES = ("ib-gl", "gr-cl", "all")
 
 
 def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address: str | None = None,
-          t0: float | None = None, match_compute: bool = False) -> dict[str, StageResult]:
-    """Run the requested stage(s) and write <output>/summary.json."""
+          t0: float | None = None, match_compute: bool = False,
+          stage2_callbacks: list | None = None) -> dict[str, StageResult]:
+    """Run the requested stage(s) and write <output>/summary.json. `stage2_callbacks` go to the GR-CL trainer."""
     t0 = t0 or time.time()
     if stage == "gr-cl" and init is None and cfg.run.variant != "cl":
         raise ConfigError("--stage gr-cl starts from a stage-1 model: pass --init RUN/ib_gl/model (or --variant cl)")
@@ -41,12 +42,13 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
         _print_stage(results["ib_gl"])
         init = str(results["ib_gl"].model_dir)
     if stage in ("gr-cl", "all"):
-        results["gr_cl"] = _run_gr_cl(cfg, init, t0, match_compute)
+        results["gr_cl"] = _run_gr_cl(cfg, init, t0, match_compute, stage2_callbacks)
     _write_summary(cfg, summary, results, time.time() - t0)
     return results
 
 
-def _run_gr_cl(cfg: LbrConfig, init: str | None, t0: float, match_compute: bool) -> StageResult:
+def _run_gr_cl(cfg: LbrConfig, init: str | None, t0: float, match_compute: bool,
+               callbacks: list | None = None) -> StageResult:
     from lbr_ray.eval.sets import build_eval_set_from_files
     from lbr_ray.recipes import gr_cl
     from lbr_ray.train.checkpoint import hf_dir
@@ -61,7 +63,8 @@ def _run_gr_cl(cfg: LbrConfig, init: str | None, t0: float, match_compute: bool)
                                     seed=cfg.run.seed, which="dev")
     dev_payload = {"queries": dev.queries, "docs": dev.doc_texts, "qrels": [q.tolist() for q in dev.qrels]}
     ds = {"train": ray_data.stage2_dataset(cfg, init or cfg.model.name)}
-    res = run_stage(cfg, "gr_cl", gr_cl.train_fn, ds, init=init, extra={"dev": dev_payload}, t0=t0)
+    res = run_stage(cfg, "gr_cl", gr_cl.train_fn, ds, init=init, extra={"dev": dev_payload}, t0=t0,
+                    callbacks=callbacks)
     _print_stage(res)
     devs = [m for m in res.metrics if "dev_recall@10" in m]
     if devs:

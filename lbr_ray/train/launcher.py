@@ -79,8 +79,9 @@ def prepare_stage_dir(cfg: LbrConfig, stage: str) -> Path:
 
 
 def run_stage(cfg: LbrConfig, stage: str, train_fn, datasets: dict, init: str | None = None,
-              extra: dict | None = None, t0: float | None = None) -> StageResult:
-    """Run one stage as a TorchTrainer; returns the final HF model folder and the logged metrics."""
+              extra: dict | None = None, t0: float | None = None, callbacks: list | None = None) -> StageResult:
+    """Run one stage as a TorchTrainer; returns the final HF model folder and the logged metrics.
+    `callbacks` are added to the trainer's RunConfig (e.g. ray.tune's TuneReportCallback inside a Tune trial)."""
     stage_dir = prepare_stage_dir(cfg, stage)
     start = time.time()
     trainer = TorchTrainer(
@@ -93,7 +94,7 @@ def run_stage(cfg: LbrConfig, stage: str, train_fn, datasets: dict, init: str | 
         run_config=RunConfig(name=stage, storage_path=str(stage_dir.parent),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=0),
-                             callbacks=[MetricsLog(stage_dir / "metrics.jsonl")]),
+                             callbacks=[MetricsLog(stage_dir / "metrics.jsonl"), *(callbacks or [])]),
         datasets=datasets,
     )
     try:

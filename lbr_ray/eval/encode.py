@@ -84,16 +84,25 @@ class SentenceTransformerEncoder:
         return np.asarray(emb, dtype=np.float32)
 
 
-def model_kind(path: str | Path) -> str:
-    """'lbr' (folder with lbr_ray.json), 'st' (modules.json); anything else raises EncoderError."""
+LBR_CANDIDATES = ("", "hf", "model", "gr_cl/model", "ib_gl/model")  # model, checkpoint, stage and run folders
+
+
+def resolve_model(path: str | Path) -> tuple[str, Path]:
+    """('lbr', folder with lbr_ray.json) for an lbr-ray model, checkpoint, stage or run folder; ('st', path) for a
+    sentence-transformers folder (modules.json); anything else raises EncoderError."""
     p = Path(path)
-    if p.is_dir() and (p / "lbr_ray.json").is_file():
-        return "lbr"
+    for sub in LBR_CANDIDATES:
+        if (p / sub / "lbr_ray.json").is_file():
+            return "lbr", p / sub if sub else p
     if p.is_dir() and (p / "modules.json").is_file():
-        return "st"
+        return "st", p
     why = "does not exist" if not p.exists() else "has neither lbr_ray.json nor modules.json"
     raise EncoderError(f"{path} is not an lbr-ray or sentence-transformers model ({why}); pass a folder saved by "
                        "`lbr train` / sentence-transformers, or use --baseline bm25|minilm|base")
+
+
+def model_kind(path: str | Path) -> str:
+    return resolve_model(path)[0]
 
 
 @dataclass(frozen=True)
@@ -123,7 +132,7 @@ class EncoderRef:
 
             return CausalLMEncoder(self.path, device=device, **opts)
         if self.kind == "lbr":
-            enc = _lbr_encoder_class().from_pretrained(self.path)
+            enc = _lbr_encoder_class().from_pretrained(self.path, device=device)
             if not getattr(enc, "fingerprint", None):
                 enc.fingerprint = self.fingerprint
             return enc
@@ -146,7 +155,8 @@ def _lbr_encoder_class():
 
 def load_encoder(path_or_name: str | Path, **options) -> EncoderRef:
     """An EncoderRef for a trained lbr-ray model folder (lbr_ray.json) or a sentence-transformers folder."""
-    return EncoderRef(model_kind(path_or_name), str(path_or_name), tuple(sorted(options.items())))
+    kind, folder = resolve_model(path_or_name)
+    return EncoderRef(kind, str(folder), tuple(sorted(options.items())) if kind == "st" else ())
 
 
 def object_ref(encoder: Encoder) -> EncoderRef:

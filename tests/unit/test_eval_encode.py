@@ -133,16 +133,17 @@ def test_lbr_model_folder_loads_through_the_trained_encoder_class(tmp_path, monk
 
     class FakeLbrEncoder(HashEncoder):
         @classmethod
-        def from_pretrained(cls, path):
+        def from_pretrained(cls, path, device=None):
             enc = cls()
             del enc.fingerprint  # the loader supplies one from the folder's files
             enc.path = path
             return enc
 
     monkeypatch.setitem(sys.modules, "lbr_ray.model.encoder", types.SimpleNamespace(Encoder=FakeLbrEncoder))
-    (tmp_path / "lbr_ray.json").write_text('{"k": 4}')
-    ref = load_encoder(tmp_path)
+    (tmp_path / "gr_cl" / "model").mkdir(parents=True)
+    (tmp_path / "gr_cl" / "model" / "lbr_ray.json").write_text('{"k": 4}')
+    ref = load_encoder(tmp_path)  # a run folder: its stage-2 model
     enc = ref.load()
-    assert ref.kind == "lbr" and enc.path == str(tmp_path) and enc.fingerprint == ref.fingerprint
+    assert ref.kind == "lbr" and enc.path == str(tmp_path / "gr_cl" / "model") and enc.fingerprint == ref.fingerprint
     res = RetrievalEvaluator(_opts(tmp_path / "run", domains=("medical",)), log=lambda *_: None).evaluate(ref)
     assert res["domains"]["medical"]["rows"][0]["n_queries"] == 30

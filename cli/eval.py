@@ -1,6 +1,8 @@
 """`lbr eval`: retrieval metrics of a model or a baseline on the domains' test splits (parse -> options -> lbr_ray)."""
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -63,8 +65,6 @@ def eval_command(
     actor pool (cached by model and corpus hash) and searched in sharded FAISS indexes in parallel Ray actors.
     """
     if cluster or (address and address.startswith(("http://", "https://"))):  # run it as a Ray job there
-        import sys
-
         from lbr_ray.cluster.jobs import submit_as_job
 
         raise typer.Exit(submit_as_job(sys.argv[1:], cluster=cluster, address=address))
@@ -95,13 +95,16 @@ def eval_command(
     if baseline == "bm25":
         method, name = BM25Retriever(threads=max(num_workers, 1)), "bm25"
     elif baseline == "minilm":
-        method, name = minilm_ref(max_length), "minilm (all-MiniLM-L6-v2)"
+        method, name = minilm_ref(max_length), "minilm (all-MiniLM-L6-v2" + (f", max {max_length} tokens)"
+                                                                         if max_length else ")")
     elif baseline == "base":
         method, name = base_ref(model, from_scratch, max_length=max_length or 256), f"base {model}"
     else:
         method, name = load_encoder(model, **({"max_length": max_length} if max_length else {})), str(model)
     typer.echo(f"lbr eval: {name} on {', '.join(names)} from {opts.data_root}")
     results = RetrievalEvaluator(opts, log=typer.echo).evaluate(method, name)
+    if sys.argv[1:2] == ["eval"]:  # run from the console: record how the report was made
+        results["command"] = "lbr " + shlex.join(sys.argv[1:])
     paths = write_reports(results, output)
     typer.echo(f"wrote {', '.join(str(p) for p in paths.values())}")
 

@@ -49,6 +49,8 @@ def markdown(results: dict, title: str | None = None) -> str:
     lines.append(f"Method: {results['method']} · index: {index}"
                  f" · data: {o.get('data_root')} · test split · workers: {o.get('num_workers')}"
                  f" · caps: queries {o.get('max_queries') or 'none'}, corpus {o.get('max_corpus') or 'none'}")
+    if results.get("command"):
+        lines += ["", f"Command: `{results['command']}`"]
     lines += ["", "Metrics: Recall@k = |relevant ∩ top-k| / |relevant|; NDCG@k with binary gains and ideal DCG over "
               "min(|relevant|, k); MRR@10; means over queries. Difficulty: easy = term_ctx/section, moderate = "
               "HPO/GO term_def, hard = the rest.", ""]

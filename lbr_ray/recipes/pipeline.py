@@ -13,7 +13,7 @@ from pathlib import Path
 from lbr_ray.config import LbrConfig, replace
 from lbr_ray.data import ray_data
 from lbr_ray.errors import ConfigError
-from lbr_ray.train.launcher import StageResult, ensure_ray, print_config, run_stage
+from lbr_ray.train.launcher import StageResult, check_output, ensure_ray, print_config, run_stage
 
 STAGES = ("ib-gl", "gr-cl", "all")
 
@@ -29,6 +29,9 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
         raise ConfigError("--match-compute is for --variant cl (the baseline given the two-stage compute)")
     print_config(cfg)
     preflight(cfg, init)
+    for name in (["ib_gl"] if stage in ("ib-gl", "all") and cfg.run.variant != "cl" else []) + \
+            (["gr_cl"] if stage in ("gr-cl", "all") else []):
+        check_output(cfg, name)
     ensure_ray(cfg, address)
     summary = ray_data.summarize(cfg)  # streams once: file:line errors or counted skips, split sizes
     for line in summary.lines():

@@ -68,11 +68,17 @@ class StageResult:
         return rows[-1] if rows else {}
 
 
-def prepare_stage_dir(cfg: LbrConfig, stage: str) -> Path:
+def check_output(cfg: LbrConfig, stage: str) -> Path:
+    """The stage's folder; an existing run there is continued only with --resume, never overwritten."""
     stage_dir = Path(cfg.run.output).expanduser().resolve() / stage
     has_run = stage_dir.is_dir() and any(stage_dir.glob("checkpoint_*"))
     if has_run and not cfg.run.resume:
         raise ConfigError(f"{stage_dir} already holds a run: pass --resume to continue it, or choose another --output")
+    return stage_dir
+
+
+def prepare_stage_dir(cfg: LbrConfig, stage: str) -> Path:
+    stage_dir = check_output(cfg, stage)
     stage_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, stage_dir / "config.yaml")
     return stage_dir

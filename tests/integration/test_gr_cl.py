@@ -62,6 +62,11 @@ def test_export_matches_lbr_embeddings_without_importing_lbr(lbr_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(folder)  # the same folder is a merged HF causal LM
+    from lbr_ray.export.mteb import MTEBModel
+
+    mteb = MTEBModel(str(out), batch_size=2)
+    assert np.allclose(mteb.encode(texts), ours, atol=1e-5)
+    assert np.allclose(mteb.encode([{"text": texts[:2]}, {"text": texts[2:]}]), ours, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["gl-cl", "cl"])
@@ -70,12 +75,27 @@ def test_variants_run(ray_local, tmp_path, variant):
 
     cfg = load_config("configs/demo.yaml", SMALL + ["ib_gl.max_steps=4", "gr_cl.max_steps=4", "gr_cl.log_every=2",
                                                     "gr_cl.eval_every=0", f"run.output={tmp_path}",
-                                                    f"run.variant={variant}"])
+                                                    f"run.variant={variant}", "gr_cl.gen_weight=0.1"])
     results = train(cfg, stage="all")
     assert set(results) == ({"gr_cl"} if variant == "cl" else {"ib_gl", "gr_cl"})
     if variant == "gl-cl":  # stage 1 was a plain LM: no target tokens, loss on the input
         assert results["ib_gl"].last["target_loss"] == 0 and results["ib_gl"].last["input_loss"] > 0
     assert results["gr_cl"].last["step"] == 4
+    assert results["gr_cl"].last["gen_loss"] > 0  # gen_weight > 0: the IB loss on query -> positive is trained too
+
+
+def test_collapse_monitor_flags_the_failure_signature():
+    import torch
+
+    from lbr_ray.config import load_config as load
+    from lbr_ray.recipes.gr_cl import collapse_warning
+    from lbr_ray.train.telemetry import embedding_stats
+
+    cfg = load("configs/demo.yaml")
+    healthy = embedding_stats(torch.nn.functional.normalize(torch.randn(64, 32), dim=-1))
+    collapsed = embedding_stats(torch.nn.functional.normalize(torch.ones(64, 32) + 1e-4 * torch.randn(64, 32), dim=-1))
+    assert abs(healthy["emb_mean_cos"]) < 0.1 and collapsed["emb_mean_cos"] > 0.99 and collapsed["emb_std"] < 1e-3
+    assert not collapse_warning({**healthy, "step": 1}, cfg) and collapse_warning({**collapsed, "step": 1}, cfg)
 
 
 def test_match_compute_gives_cl_the_two_stage_budget():

@@ -179,4 +179,5 @@ def _build(domain, pairs_src, corpus_src, split, max_queries, max_corpus, seed, 
     )
 
 
-__all__ = ["EvalSet", "EvalSetError", "build_eval_set", "build_eval_set_from_files", "difficulty", "available_domains"]
+__all__ = ["EvalSet", "EvalSetError", "build_eval_set", "build_eval_set_from_files", "difficulty",
+           "available_domains"]

@@ -7,7 +7,7 @@ import pytest
 
 from lbr_ray.data.readers import read_all
 from lbr_ray.data.split import split_of, text_key
-from lbr_ray.eval.sets import EvalSetError, build_eval_set, difficulty
+from lbr_ray.eval.sets import EvalSetError, build_eval_set, build_eval_set_from_files, difficulty
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "data" / "demo")
@@ -99,3 +99,13 @@ def test_missing_pairs_no_test_queries_and_empty_corpus(tmp_path):
     _write(tmp_path / "empty" / "corpus.jsonl.gz", [])
     with pytest.raises(EvalSetError, match="empty corpus"):
         build_eval_set(tmp_path, "empty")
+
+
+def test_from_files_equals_the_domain_folder():
+    files = sorted(str(p) for p in Path(DEMO, "chemistry").glob("pairs*"))
+    corpus = sorted(str(p) for p in Path(DEMO, "chemistry").glob("corpus*"))
+    a = build_eval_set(DEMO, "chemistry", max_queries=50, max_corpus=300, which="dev")
+    b = build_eval_set_from_files(files, corpus, domain="chemistry", max_queries=50, max_corpus=300, which="dev")
+    assert a.queries == b.queries and a.doc_texts == b.doc_texts
+    assert all(split_of(q) == "dev" for q in b.queries)
+    assert [r.tolist() for r in a.qrels] == [r.tolist() for r in b.qrels]

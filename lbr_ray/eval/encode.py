@@ -345,6 +345,13 @@ def _encode_local(ref, rows, batch_size, shard_rows):
         yield out["job"], out["row"], out["emb"]
 
 
+def gpu_share(num_workers: int) -> float:
+    """GPUs per worker: one each where there are enough, else a fair fraction (2 workers on 1 GPU get 0.5)."""
+    import ray
+
+    return min(1.0, ray.cluster_resources().get("GPU", 0) / max(num_workers, 1)) or 0.0
+
+
 def _encode_ray(ref, rows, batch_size, shard_rows, num_workers, use_gpu):
     import logging
 
@@ -361,7 +368,7 @@ def _encode_ray(ref, rows, batch_size, shard_rows, num_workers, use_gpu):
     ds = ds.map_batches(
         EncodeUDF, fn_constructor_kwargs={"ref": ref, "batch_size": batch_size, "threads": cpus},
         batch_size=per_batch, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_workers),
-        num_gpus=1 if use_gpu else 0, num_cpus=cpus,
+        num_gpus=gpu_share(num_workers) if use_gpu else 0, num_cpus=cpus,
     )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         emb = batch["emb"]

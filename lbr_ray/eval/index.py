@@ -140,7 +140,10 @@ class ShardedIndex:
             return
         import ray
 
-        actor_cls = ray.remote(ShardIndex).options(num_cpus=threads or 1, num_gpus=1 if use_gpu else 0)
+        from lbr_ray.eval.encode import gpu_share
+
+        gpus = gpu_share(len(groups)) if use_gpu else 0
+        actor_cls = ray.remote(ShardIndex).options(num_cpus=threads or 1, num_gpus=gpus)
         self.actors = [actor_cls.remote(ray.put(e), r, spec, params, use_gpu, threads) for e, r in groups]
         ray.get([a.size.remote() for a in self.actors])  # wait until every shard's index is built
 

@@ -55,7 +55,7 @@ def train(
         from lbr_ray.cluster.jobs import submit_as_job
 
         raise typer.Exit(submit_as_job(sys.argv[1:], cluster=cluster, address=address))
-    from lbr_ray.recipes.pipeline import STAGES, train as run_train
+    from lbr_ray.config.schema import STAGES
 
     if stage not in STAGES:
         raise ConfigError(f"--stage {stage!r} is not one of {list(STAGES)}")
@@ -63,6 +63,7 @@ def train(
         data = f"[{data}]"
     cfg = config_with_options(config, overrides, num_workers=num_workers, output=output, resume=resume,
                               variant=variant, data=data)
+    from lbr_ray.recipes.pipeline import train as run_train  # imports Ray, torch: after the cheap checks
     run_train(cfg, stage=stage, init=str(init) if init else None, address=address, t0=t0,
               match_compute=match_compute)
 

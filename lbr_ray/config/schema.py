@@ -107,6 +107,34 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """`lbr tune`: the search space (an empty tuple = that key is not searched) and how trials run."""
+    search: str = "grid"  # grid | random | optuna
+    ratio: tuple[float, ...] = ()  # R values (bottleneck.ratio)
+    k: tuple[int, ...] = ()  # fixed k values (bottleneck.k), instead of ratio
+    temperature: tuple[float, ...] = ()  # gr_cl.temperature
+    lora_r: tuple[int, ...] = ()  # model.lora_r (needs model.lora: true)
+    lr: tuple[float, ...] = ()  # gr_cl.lr (stage 2; trials keep sharing stage 1)
+    log_uniform: bool = False  # random/optuna: ratio, temperature, lr log-uniform between the two values given
+    num_samples: int = 1  # grid: repeats of the whole grid; random/optuna: number of trials
+    metric: str = "dev_recall@10"  # dev_recall@10 | dev_ndcg@10, maximised (GR-CL's in-training dev metric)
+    asha: bool = True  # ASHA early stopping on `metric`, time = GR-CL step
+    grace_period: int = 20  # GR-CL steps before ASHA may stop a trial
+    reduction_factor: float = 3.0
+    max_concurrent_trials: int = 1  # 0 = as many as the cluster's CPUs (GPUs) allow
+    workers_per_trial: int | None = None  # Ray Train workers per trial (default scaling.num_workers)
+    ib_gl_steps: int | None = None  # stage-1 steps in every trial (default ib_gl.max_steps)
+    gr_cl_steps: int | None = None  # stage-2 steps in every trial (default gr_cl.max_steps)
+    eval_every: int | None = None  # dev metric every N stage-2 steps, ASHA's decision points (default gr_cl's)
+    max_failures: int = 0  # Tune retries of a failed trial
+    test_eval: bool = True  # evaluate the best trial's model on the test split (the `lbr eval` machinery)
+    test_max_queries: int | None = None  # caps for that evaluation (deterministic samples)
+    test_max_corpus: int | None = None
+    eval_workers: int = 2  # encoder actors of that evaluation (0 = in the driver process)
+    output: str = "runs/tune"  # sweep folder: Tune state, stage-1 cache, trials, table, plots, best config
+
+
+@dataclass(frozen=True)
 class LbrConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     bottleneck: BottleneckConfig = field(default_factory=BottleneckConfig)
@@ -116,7 +144,10 @@ class LbrConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
+
+STAGES = ("ib-gl", "gr-cl", "all")  # `lbr train --stage`
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),

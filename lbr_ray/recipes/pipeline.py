@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 from lbr_ray.config import LbrConfig, replace
+from lbr_ray.config.schema import STAGES
 from lbr_ray.data import ray_data
 from lbr_ray.errors import ConfigError
 from lbr_ray.train.launcher import StageResult, check_output, ensure_ray, print_config, run_stage
-
-STAGES = ("ib-gl", "gr-cl", "all")
 
 
 def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address: str | None = None,

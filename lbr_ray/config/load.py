@@ -99,6 +99,35 @@ def validate(cfg: LbrConfig) -> list[str]:
         problems.append(f"scaling.num_workers must be >= 1, got {cfg.scaling.num_workers}")
     if cfg.data.max_input_tokens < 1 or cfg.data.max_target_tokens < 1:
         problems.append("data.max_input_tokens and data.max_target_tokens must be >= 1")
+    return problems + _validate_tune(cfg)
+
+
+def _validate_tune(cfg: LbrConfig) -> list[str]:
+    t, problems = cfg.tune, []
+    for key, allowed in (("search", ("grid", "random", "optuna")), ("metric", ("dev_recall@10", "dev_ndcg@10"))):
+        if getattr(t, key) not in allowed:
+            problems.append(f"tune.{key}={getattr(t, key)!r} is not one of {list(allowed)}")
+    if t.ratio and t.k:
+        problems.append("tune.ratio and tune.k are alternatives: search R or a fixed k, not both")
+    for key in ("ratio", "temperature", "lr"):
+        if any(v <= 0 for v in getattr(t, key)):
+            problems.append(f"tune.{key} values must be > 0, got {list(getattr(t, key))}")
+    if any(not 1 <= k <= cfg.bottleneck.k_max for k in t.k):
+        problems.append(f"tune.k values must be in 1..bottleneck.k_max={cfg.bottleneck.k_max}, got {list(t.k)}")
+    if any(r < 1 for r in t.lora_r) or (t.lora_r and not cfg.model.lora):
+        problems.append(f"tune.lora_r needs model.lora: true and values >= 1, got {list(t.lora_r)}")
+    if t.log_uniform and t.search != "grid":
+        problems += [f"tune.log_uniform: tune.{key} needs exactly 2 values (low, high), got {list(getattr(t, key))}"
+                     for key in ("ratio", "temperature", "lr") if len(getattr(t, key)) not in (0, 2)]
+    for key in ("num_samples", "grace_period", "workers_per_trial", "ib_gl_steps", "gr_cl_steps", "eval_every",
+                "test_max_queries", "test_max_corpus"):
+        if getattr(t, key) is not None and getattr(t, key) < 1:
+            problems.append(f"tune.{key} must be >= 1, got {getattr(t, key)}")
+    for key in ("max_concurrent_trials", "max_failures", "eval_workers"):
+        if getattr(t, key) < 0:
+            problems.append(f"tune.{key} must be >= 0, got {getattr(t, key)}")
+    if t.reduction_factor <= 1:
+        problems.append(f"tune.reduction_factor must be > 1, got {t.reduction_factor}")
     return problems
 
 

@@ -183,6 +183,7 @@ def stage2_dataset(cfg: LbrConfig, tokenizer_path: str) -> ray.data.Dataset:
 
 
 def _columns(prefix: str, rows) -> dict:
+    """(ids, seg) rows -> two ragged columns; the trailing None forces numpy to build a 1-D object array."""
     return {f"{prefix}_ids": np.array([np.asarray(r[0], dtype=np.int64) for r in rows] + [None], dtype=object)[:-1],
             f"{prefix}_seg": np.array([np.asarray(r[1], dtype=np.int8) for r in rows] + [None], dtype=object)[:-1]}
 

@@ -74,7 +74,6 @@ def train_fn(config: dict) -> None:
     if evaluate is not None and state.step == 0:
         run.report({"step": 0, **evaluate(state)})  # the step-0 reference point
     telemetry = run.telemetry(st.max_steps, state)
-    device = next(model.parameters()).device
     prefixes = ["q", "p"] + [f"n{h}" for h in range(st.hard_negatives)] + (["ib"] if st.gen_weight > 0 else [])
     batches = run.batches(prefixes, st.batch_size, tok.pad_token_id)
 
@@ -87,8 +86,7 @@ def train_fn(config: dict) -> None:
         run.checkpoint(engine, model, tok, state, extra)
 
     try:
-        train_loop(engine, lambda e: ({k: v.to(device) for k, v in b.items()} for b in batches(e)), st, state,
-                   telemetry, run.world, on_log=on_log, on_checkpoint=on_checkpoint,
+        train_loop(engine, batches, st, state, telemetry, run.world, on_log=on_log, on_checkpoint=on_checkpoint,
                    on_eval=evaluate, eval_every=st.eval_every)
     finally:
         telemetry.close()

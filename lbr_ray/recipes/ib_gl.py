@@ -39,14 +39,12 @@ def train_fn(config: dict) -> None:
     model, tok = build_model(cfg, init=config.get("init"))
     if uses_mask(cfg) and cfg.run.self_check:
         self_check(model, tok, cfg, run.rank)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     engine = initialize(IBGLObjective(model, st.alpha, uses_mask(cfg)), cfg.deepspeed, st)
     state = run.resume(engine)
     telemetry = run.telemetry(st.max_steps, state)
-    to_device = (lambda b: {k: v.to(device) for k, v in b.items()}) if device else (lambda b: b)
     batches = run.batches(["ib"], st.batch_size, tok.pad_token_id)
     try:
-        train_loop(engine, lambda e: map(to_device, batches(e)), st, state, telemetry, run.world,
+        train_loop(engine, batches, st, state, telemetry, run.world,
                    on_log=run.report, on_checkpoint=lambda s: run.checkpoint(engine, model, tok, s))
     finally:
         telemetry.close()

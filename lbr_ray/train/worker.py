@@ -41,6 +41,7 @@ class WorkerRun:
         torch.manual_seed(self.cfg.run.seed)
 
     def batches(self, prefixes: list[str], batch_size: int, pad_id: int, name: str = "train"):
+        """`epoch -> batches` of padded tensors, already on this worker's device (Ray's device="auto")."""
         shard = ray.train.get_dataset_shard(name)
         collate = PadCollate(prefixes, pad_id)
 

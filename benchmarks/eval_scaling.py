@@ -1,16 +1,18 @@
 """Eval scaling on this machine: passages/s encoded (MiniLM, Ray Data actor pool) and queries/s searched (sharded
 FAISS in Ray actors) with 1 and 2 workers on >= 50,000 passages, plus IVF recall@10 against exact search.
 
-    python benchmarks/eval_scaling.py [--data-root ../shared/data] [--passages 50000] [--encode-sample 600]
+    python benchmarks/eval_scaling.py [--data-root ../shared/data] [--passages 50000] [--encode-sample 800]
                                       [--queries 2000] [--real-cache runs/eval-cache]
                                       [--out benchmarks/results/eval_scaling.json]
 
 Encoding: the same sample of the pool is encoded with 1 and with 2 workers (fresh cache each time), at MiniLM's
-shipped max length; the time includes starting the actors and loading the model. On a 2-core CPU MiniLM encodes
+shipped max length (256 word pieces); the wall time includes starting the actors and loading the model. On a 2-core CPU MiniLM encodes
 ~15 passages/s, so the whole pool (~1 h) is not encoded here: the search half indexes MiniLM *static* vectors
 of the full pool (mean of MiniLM's input token embeddings over the first 256 word pieces, L2-normalised; same
 dimension and tokeniser, no transformer layers). With --real-cache (the cache of `lbr eval --baseline minilm`),
 IVF recall is also measured on the real MiniLM embeddings of the eval corpora and their test queries.
+Other processes on a shared machine skew the timings: the load average is recorded, encoding runs are repeated
+(interleaved) and the best run per worker count is reported.
 """
 from __future__ import annotations
 
@@ -86,8 +88,7 @@ def bench_encode(texts: list[str], workers: int) -> dict:
         seconds = time.perf_counter() - start
     assert got.encoded == len(texts)
     return {"workers": workers, "passages": len(texts), "seconds": round(seconds, 2),
-            "passages_per_s": round(len(texts) / seconds, 2),
-            "passages_per_s_after_first_batch": round(got.steady_per_s or 0.0, 2)}
+            "passages_per_s": round(len(texts) / seconds, 2)}
 
 
 def shards_of(emb: np.ndarray, parts: int = 8) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -96,18 +97,21 @@ def shards_of(emb: np.ndarray, parts: int = 8) -> list[tuple[np.ndarray, np.ndar
 
 
 def bench_search(emb: np.ndarray, q: np.ndarray, workers: int, spec: str = "Flat", params: str = "",
-                 k: int = 100) -> tuple[dict, np.ndarray]:
+                 k: int = 100, repeats: int = 3) -> tuple[dict, np.ndarray]:
     """Build the shard indexes in Ray actors (timed apart), then search all queries (merged top-k)."""
     threads = max(1, (os.cpu_count() or 1) // workers)
     start = time.perf_counter()
     with ShardedIndex(shards_of(emb), spec, params, workers, False, threads) as index:
         built = time.perf_counter() - start
-        start = time.perf_counter()
-        _, rows = index.search(q, k)
-        search = time.perf_counter() - start
+        times = []
+        for _ in range(repeats):  # best of a few: other processes on the machine add noise, never speed
+            start = time.perf_counter()
+            _, rows = index.search(q, k)
+            times.append(time.perf_counter() - start)
     return {"workers": workers, "index": spec, "params": params, "passages": len(emb), "queries": len(q), "k": k,
-            "seconds_start_and_build": round(built, 2), "seconds_search": round(search, 3),
-            "queries_per_s": round(len(q) / search, 1)}, rows
+            "seconds_start_and_build": round(built, 2), "seconds_search": [round(t, 3) for t in times],
+            "queries_per_s": round(len(q) / min(times), 1),
+            "queries_per_s_median": round(len(q) / float(np.median(times)), 1)}, rows
 
 
 def ann_table(emb: np.ndarray, q: np.ndarray, workers: int = 2) -> list[dict]:
@@ -122,25 +126,29 @@ def ann_table(emb: np.ndarray, q: np.ndarray, workers: int = 2) -> list[dict]:
     return out
 
 
-def real_embeddings(cache_dir: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """All MiniLM passage and query embeddings in an `lbr eval --baseline minilm` cache (None if there are none)."""
-    fp = minilm_ref().fingerprint
-    found = {"passage": [], "query": []}
+def real_embeddings(cache_dir: str) -> tuple[np.ndarray, np.ndarray, str] | None:
+    """The passage and query embeddings of the model with the most cached passages in an `lbr eval` cache
+    (e.g. of `lbr eval --baseline minilm`): (passages, queries, fingerprint), or None."""
+    groups: dict[str, dict[str, list]] = {}
     for folder in sorted(Path(cache_dir).glob("*-*")):
         enc = read_cache(folder)
-        manifest = folder / "manifest.json"
-        if enc and json.loads(manifest.read_text()).get("fingerprint") == fp:
-            found[json.loads(manifest.read_text())["role"]].append(enc.load())
-    if not found["passage"] or not found["query"]:
+        if enc is not None:
+            m = json.loads((folder / "manifest.json").read_text())
+            groups.setdefault(m["fingerprint"], {"passage": [], "query": []})[m["role"]].append(enc)
+    groups = {fp: g for fp, g in groups.items() if g["passage"] and g["query"]}
+    if not groups:
         return None
-    return np.concatenate(found["passage"]), np.concatenate(found["query"])
+    fp = max(groups, key=lambda f: sum(e.n for e in groups[f]["passage"]))
+    return (np.concatenate([e.load() for e in groups[fp]["passage"]]),
+            np.concatenate([e.load() for e in groups[fp]["query"]]), fp)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-root", default=None)
     ap.add_argument("--passages", type=int, default=50_000)
-    ap.add_argument("--encode-sample", type=int, default=600)
+    ap.add_argument("--encode-sample", type=int, default=800)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--queries", type=int, default=2_000)
     ap.add_argument("--real-cache", default="runs/eval-cache")
     ap.add_argument("--out", default="benchmarks/results/eval_scaling.json")
@@ -156,9 +164,14 @@ def main() -> None:
            "pool": {"data_root": data_root, "passages": len(passages), "queries": len(queries),
                     "sha1": hashlib.sha1("".join(text_key(t) for t in passages).encode()).hexdigest()[:16]}}
     sample = passages[: args.encode_sample]
-    res["encode_minilm"] = [bench_encode(sample, w) for w in (1, 2)]
-    for r in res["encode_minilm"]:
-        print(f"encode: {r['workers']} worker(s) {r['passages_per_s']} passages/s", flush=True)
+    runs = []
+    for rep in range(args.repeats):  # interleaved 1, 2, 1, 2 workers: load from other processes hits both alike
+        for w in (1, 2):
+            runs.append({**bench_encode(sample, w), "repeat": rep})
+            print(f"encode: {w} worker(s) {runs[-1]['passages_per_s']} passages/s", flush=True)
+    res["encode_minilm_runs"] = runs
+    res["encode_minilm"] = [max((r for r in runs if r["workers"] == w), key=lambda r: r["passages_per_s"])
+                            for w in (1, 2)]  # best of the repeats
     start = time.perf_counter()
     emb, q = static_vectors(passages), static_vectors(queries)
     res["search_vectors"] = {"kind": "MiniLM static (mean input token embedding, centred, L2-normalised)",
@@ -169,9 +182,9 @@ def main() -> None:
     res["ann_static_50k"] = ann_table(emb, q)
     real = real_embeddings(args.real_cache) if args.real_cache else None
     if real is not None:
-        print(f"real MiniLM embeddings from {args.real_cache}: {len(real[0])} passages, {len(real[1])} queries")
-        res["ann_real_minilm"] = {"source": args.real_cache, "passages": len(real[0]), "queries": len(real[1]),
-                                  "rows": ann_table(real[0], real[1][: args.queries])}
+        print(f"cached model embeddings from {args.real_cache}: {len(real[0])} passages, {len(real[1])} queries")
+        res["ann_real_embeddings"] = {"source": args.real_cache, "fingerprint": real[2], "passages": len(real[0]),
+                                      "queries": len(real[1]), "rows": ann_table(real[0], real[1][: args.queries])}
     res["machine"]["loadavg_end"] = list(os.getloadavg())
     res["seconds"] = round(time.perf_counter() - t0, 1)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -111,11 +111,14 @@ class BottleneckLM(nn.Module):
 
 
 def pool_bottleneck(hidden: torch.Tensor, seg: torch.Tensor, pooling: str = "last") -> torch.Tensor:
-    is_b = (seg == B).to(hidden.dtype)  # [B, T]
+    """L2-normalised b_k state (`last`) or mean of the b states, in float32; positions are integer arithmetic
+    (in bf16, integers above 256 round together and would pick an earlier bottleneck token)."""
+    is_b = seg == B  # [B, T]
     if pooling == "mean":
-        pooled = (hidden * is_b[..., None]).sum(1) / is_b.sum(1, keepdim=True).clamp(min=1)
+        pooled = (hidden.float() * is_b[..., None]).sum(1) / is_b.sum(1, keepdim=True).clamp(min=1)
     elif pooling == "last":
-        last = (is_b * torch.arange(seg.shape[1], device=seg.device)).argmax(1)  # index of b_k
+        pos = torch.arange(seg.shape[1], device=seg.device).expand_as(seg)
+        last = torch.where(is_b, pos, -1).amax(1)  # index of b_k
         pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     else:
         raise ValueError(f"unknown pooling {pooling!r}; choose 'last' or 'mean'")

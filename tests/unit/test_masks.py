@@ -151,3 +151,17 @@ def test_embed_uses_last_bottleneck_state(model_dirs):
     with torch.no_grad():
         mean = model.embed(ids, seg, pooling="mean")
     assert not torch.allclose(mean, emb)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_last_pooling_picks_b_k_in_long_bf16_rows(dtype):
+    """Issue 13.1: 512 input tokens + k=2 puts b_1, b_2 at positions 513, 514, which round together in bf16."""
+    seg = torch.tensor([[SINK] + [X] * 512 + [B] * 2, [SINK] + [X] * 3 + [B] * 2 + [PAD] * 509])
+    hidden = torch.randn(2, seg.shape[1], 8).to(dtype)
+    from lbr_ray.model.bottleneck import pool_bottleneck
+
+    got = pool_bottleneck(hidden, seg, "last")
+    for r, last in enumerate((514, 5)):
+        assert torch.equal(got[r], torch.nn.functional.normalize(hidden[r, last].float(), dim=-1))
+    mean = pool_bottleneck(hidden, seg, "mean")
+    assert torch.allclose(mean[0], torch.nn.functional.normalize(hidden[0, 513:515].float().mean(0), dim=-1))

@@ -69,8 +69,14 @@ def train_fn(config: dict) -> None:
     encoder = Encoder(model, tok, cfg.bottleneck, cfg.data.max_input_tokens)
     engine = initialize(GRCLObjective(model, cfg), cfg.deepspeed, st)
     state = run.resume(engine)
-    dev = config.get("dev")
-    evaluate = (lambda s: dev_eval(encoder, dev)) if dev else None
+    dev, last_eval = config.get("dev"), {}
+
+    def dev_at(state) -> dict:  # once per step: the final log and the final checkpoint share one evaluation
+        if last_eval.get("step") != state.step:
+            last_eval.update(step=state.step, metrics=dev_eval(encoder, dev))
+        return last_eval["metrics"]
+
+    evaluate = dev_at if dev else None
     if evaluate is not None and state.step == 0:
         run.report({"step": 0, **evaluate(state)})  # the step-0 reference point
     telemetry = run.telemetry(st.max_steps, state)

@@ -82,7 +82,8 @@ class BottleneckLM(nn.Module):
         lm = load_causal_lm(model_cfg, len(tok), seed)
         b_ids = add_bottleneck_tokens(tok, b_cfg.k_max)
         if model_cfg.gradient_checkpointing:
-            lm.gradient_checkpointing_enable()
+            # non-reentrant: kv_split reads keys/values computed inside checkpointed layers (see kv_split.py)
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if model_cfg.lora if lora is None else lora:
             lm = apply_lora(lm, model_cfg, b_ids)
         return cls(lm, b_ids, model_cfg.attn_backend, b_cfg.sink), tok

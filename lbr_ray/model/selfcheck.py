@@ -4,7 +4,8 @@ A transformers upgrade can silently drop a custom mask, so before training we ve
 1. in every layer (eager attention), the weight from each target row to each input column is exactly 0,
    while bottleneck rows do attend to the input;
 2. the target rows' states differ from a plain causal forward (the mask is not ignored);
-3. the chosen backend matches the dense reference.
+3. the chosen backend matches the dense reference, in eval mode and in a training-mode forward + backward
+   (gradient checkpointing and all, with dropout off so that the two are comparable).
 """
 from __future__ import annotations
 
@@ -74,6 +75,47 @@ def check_mask(model, ids: torch.Tensor, seg: torch.Tensor, rtol: float | None =
         if diff > rtol:
             raise MaskLeakError(f"backend {model.backend!r} differs from the dense reference by {diff:.3g} "
                                 f"(relative) > {rtol}")
-        return {"y_to_x_weight": leak, "backend_rel_diff": diff, "mask_effect": masked_effect}
+        grad_diff = check_training_path(model, ids, seg, rtol)
+        return {"y_to_x_weight": leak, "backend_rel_diff": diff, "mask_effect": masked_effect,
+                "backend_grad_rel_diff": grad_diff}
     finally:
         model.train(was_training)
+
+
+@contextlib.contextmanager
+def no_dropout(model):
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    old = [m.p for m in drops]
+    for m in drops:
+        m.p = 0.0
+    try:
+        yield
+    finally:
+        for m, p in zip(drops, old):
+            m.p = p
+
+
+def check_training_path(model, ids: torch.Tensor, seg: torch.Tensor, rtol: float) -> float:
+    """Forward + backward of the backend in training mode (where gradient checkpointing is active) against the
+    dense reference: max over trainable tensors of max |grad difference| / max |reference grad|."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+
+    def grads(forward):
+        h = forward()
+        return torch.autograd.grad(h[seg == Y].float().pow(2).mean(), params, allow_unused=True)
+
+    with torch.enable_grad(), no_dropout(model):
+        ref = grads(lambda: dense_hidden(model.decoder, ids, seg, ib=True, sink=model.sink))
+        got = grads(lambda: model.hidden(ids, seg))
+    diffs = [float((g - r).abs().max() / r.abs().max()) for g, r in zip(got, ref)
+             if r is not None and g is not None and r.abs().max() > 0]
+    if not diffs:
+        raise MaskLeakError("no trainable parameter gets a gradient from the targets")
+    if len(diffs) != sum(r is not None and r.abs().max() > 0 for r in ref):
+        raise MaskLeakError(f"backend {model.backend!r} leaves trainable parameters without a gradient")
+    worst = max(diffs)
+    if worst > rtol * 10:
+        raise MaskLeakError(f"backend {model.backend!r} gradients differ from the dense reference by {worst:.3g} "
+                            f"(relative) > {rtol * 10}")
+    return worst

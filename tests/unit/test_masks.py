@@ -165,3 +165,40 @@ def test_last_pooling_picks_b_k_in_long_bf16_rows(dtype):
         assert torch.equal(got[r], torch.nn.functional.normalize(hidden[r, last].float(), dim=-1))
     mean = pool_bottleneck(hidden, seg, "mean")
     assert torch.allclose(mean[0], torch.nn.functional.normalize(hidden[0, 513:515].float().mean(0), dim=-1))
+
+
+def test_kv_split_trains_under_gradient_checkpointing(model_dirs):
+    """Issue 13.2: in training mode transformers drops the cache of checkpointed layers; kv_split must still run and
+    match the dense reference in the forward and in every trainable parameter's gradient (LoRA + bottleneck rows)."""
+    def grads(backend):
+        cfg = ModelConfig(name=str(model_dirs["qwen2"]), from_scratch=True, attn_backend=backend, lora=True,
+                          lora_dropout=0.0, gradient_checkpointing=True)
+        model, tok = BottleneckLM.build(cfg, BottleneckConfig(k=2, k_max=4), seed=0)
+        ids, seg = batch(tok, k=2, target="continuation")
+        hidden = model.train().hidden(ids, seg)
+        (hidden[seg == Y] ** 2).mean().backward()
+        return hidden.detach()[seg != PAD], {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    (h_ref, g_ref), (h_kv, g_kv) = grads("dense"), grads("kv_split")
+    assert (h_ref - h_kv).abs().max() < 1e-5
+    assert g_ref.keys() == g_kv.keys() and all(g is not None for g in g_kv.values())
+    for name, g in g_ref.items():
+        assert (g - g_kv[name]).abs().max() <= 1e-3 * g.abs().max() + 1e-8, name
+
+
+def test_self_check_runs_the_training_path(model_dirs, monkeypatch):
+    cfg = ModelConfig(name=str(model_dirs["qwen2"]), from_scratch=True, attn_backend="kv_split", lora=True,
+                      gradient_checkpointing=True)
+    model, tok = BottleneckLM.build(cfg, BottleneckConfig(k=2, k_max=4), seed=0)
+    ids, seg = batch(tok, k=2, target="continuation")
+    assert check_mask(model, ids, seg)["backend_grad_rel_diff"] < 1e-3
+    import lbr_ray.model.attention.kv_split as kv
+
+    def eval_only(decoder, ids, seg, ib=True, sink=True):  # a backend that only breaks in training mode
+        if decoder.training:
+            raise RuntimeError("'NoneType' object has no attribute 'key_cache'")
+        return kv.kv_split_hidden(decoder, ids, seg, ib, sink)
+
+    model._forward = eval_only
+    with pytest.raises(RuntimeError, match="key_cache"):
+        check_mask(model, ids, seg)

@@ -33,9 +33,10 @@ def train_loop(engine, batches: Callable[[int], Iterable[dict]], stage: StageCon
             if not boundary:
                 continue
             state.step += 1
-            if state.step % stage.log_every == 0 or state.step == stage.max_steps:
+            evaluate = on_eval is not None and eval_every and state.step % eval_every == 0
+            if evaluate or state.step % stage.log_every == 0 or state.step == stage.max_steps:
                 metrics = telemetry.flush(state.step, engine.get_lr()[0], world)  # .item()-style sync point
-                if on_eval is not None and eval_every and state.step % eval_every == 0:
+                if evaluate:  # on its own schedule, not only on logging steps
                     metrics.update(on_eval(state))
                 telemetry.show(metrics)
                 on_log(metrics)

@@ -1,0 +1,47 @@
+"""The step loop without Ray or DeepSpeed: when it logs, evaluates and checkpoints."""
+from __future__ import annotations
+
+import torch
+
+from lbr_ray.config.schema import StageConfig
+from lbr_ray.train.checkpoint import LoopState
+from lbr_ray.train.loop import train_loop
+from lbr_ray.train.telemetry import Telemetry
+
+
+class CountingEngine:
+    """Stands in for the DeepSpeed engine: every micro-batch is an optimizer step."""
+
+    def __call__(self, batch):
+        return {"loss": torch.tensor(1.0), "tokens": torch.tensor(4)}
+
+    def is_gradient_accumulation_boundary(self):
+        return True
+
+    def backward(self, loss):
+        pass
+
+    def step(self):
+        pass
+
+    def get_lr(self):
+        return [1e-4]
+
+
+def run(stage: StageConfig, eval_every: int):
+    logged, evaluated, saved = [], [], []
+    train_loop(CountingEngine(), lambda epoch: iter([{}] * 10_000), stage, LoopState(),
+               Telemetry("t", stage.max_steps, rank=1, tb_dir=None), world=1,
+               on_log=logged.append, on_checkpoint=lambda s: saved.append(s.step),
+               on_eval=lambda s: evaluated.append(s.step) or {"dev_recall@10": 0.5}, eval_every=eval_every)
+    return logged, evaluated, saved
+
+
+def test_evaluation_follows_its_own_schedule_not_the_logging_one():
+    """Issue 13.3: with log_every 20 and eval_every 250 the evaluations at 250 and 750 used to be skipped."""
+    stage = StageConfig(max_steps=1000, log_every=20, checkpoint_every=500)
+    logged, evaluated, saved = run(stage, eval_every=250)
+    assert evaluated == [250, 500, 750, 1000]
+    assert [m["step"] for m in logged if "dev_recall@10" in m] == [250, 500, 750, 1000]
+    assert [m["step"] for m in logged] == sorted({*range(20, 1001, 20), 250, 750})
+    assert saved == [500, 1000]

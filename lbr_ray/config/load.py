@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from lbr_ray.config.schema import CHOICES, LbrConfig
+from lbr_ray.config.schema import CHOICES, SPLIT_KEYS, LbrConfig
 from lbr_ray.errors import ConfigError
 
 
@@ -97,6 +97,8 @@ def validate(cfg: LbrConfig) -> list[str]:
                         "use dense or kv_split on CPU")
     if cfg.scaling.num_workers < 1:
         problems.append(f"scaling.num_workers must be >= 1, got {cfg.scaling.num_workers}")
+    if cfg.data.split.key not in SPLIT_KEYS:
+        problems.append(f"data.split.key={cfg.data.split.key!r} is not one of {list(SPLIT_KEYS)}")
     if cfg.data.max_input_tokens < 1 or cfg.data.max_target_tokens < 1:
         problems.append("data.max_input_tokens and data.max_target_tokens must be >= 1")
     return problems + _validate_tune(cfg)

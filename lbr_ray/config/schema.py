@@ -29,7 +29,8 @@ class BottleneckConfig:
 
 @dataclass(frozen=True)
 class SplitConfig:
-    modulus: int = 10  # bucket = int(sha1(query)[:8], 16) % modulus
+    key: str = "normalized"  # normalized: case-folded, whitespace-collapsed query (twins share a split) | exact
+    modulus: int = 10  # bucket = int(sha1(utf-8 key of the query)[:8], 16) % modulus
     test_buckets: tuple[int, ...] = (0,)
     dev_buckets: tuple[int, ...] = (1,)
 
@@ -148,6 +149,7 @@ class LbrConfig:
 
 
 STAGES = ("ib-gl", "gr-cl", "all")  # `lbr train --stage`
+SPLIT_KEYS = ("normalized", "exact")  # data.split.key
 
 CHOICES = {
     "model.dtype": ("float32", "bfloat16", "float16"),

@@ -8,13 +8,19 @@ from lbr_ray.config.schema import SplitConfig
 SPLITS = ("train", "dev", "test")
 
 
-def bucket(query: str, modulus: int = 10) -> int:
-    """int(first 8 hex digits of sha1(utf-8 query)) mod `modulus`: equal queries share a bucket."""
-    return int(hashlib.sha1(query.encode("utf-8")).hexdigest()[:8], 16) % modulus
+def split_key(query: str, key: str = "normalized") -> str:
+    """What the split hashes: the query case-folded with runs of whitespace collapsed to one space (`normalized`,
+    so "What is X ?" and "what is  x ?" share a split), or the query as it is (`exact`)."""
+    return " ".join(query.casefold().split()) if key == "normalized" else query
+
+
+def bucket(query: str, modulus: int = 10, key: str = "normalized") -> int:
+    """int(first 8 hex digits of sha1(utf-8 split_key(query))) mod `modulus`: equal keys share a bucket."""
+    return int(hashlib.sha1(split_key(query, key).encode("utf-8")).hexdigest()[:8], 16) % modulus
 
 
 def split_of(query: str, cfg: SplitConfig = SplitConfig()) -> str:
-    b = bucket(query, cfg.modulus)
+    b = bucket(query, cfg.modulus, cfg.key)
     if b in cfg.test_buckets:
         return "test"
     if b in cfg.dev_buckets:

@@ -19,7 +19,7 @@ import numpy as np
 
 from lbr_ray.config.schema import SplitConfig
 from lbr_ray.data.readers import read_all
-from lbr_ray.data.split import split_of, text_key
+from lbr_ray.data.split import split_key, split_of, text_key
 from lbr_ray.errors import LbrError
 
 EASY_TYPES = ("term_ctx", "section")  # the query's words recur in the positive by construction (data/SOURCES.md)
@@ -85,7 +85,9 @@ def domain_dir(data_root: str | Path, domain: str) -> Path:
 
 def _split_queries(path: Path | list[str], split: SplitConfig, which: str) -> dict[str, dict]:
     """{query: {"positives": [...], "type": first pair's type, "source": ...}} for one split, in file order.
-    `path` is a domain folder (its pairs* files) or an explicit list of pairs files."""
+    Queries with the same split key (with `key: normalized`, twins differing only in case or whitespace) are one
+    query, its first spelling, with all their positives. `path` is a domain folder (its pairs* files) or an explicit
+    list of pairs files."""
     files = sorted(path.glob("pairs*")) if isinstance(path, Path) else list(path)
     if not files:
         raise EvalSetError(f"no pairs*.jsonl(.gz) in {path}: the domain has no queries/qrels to evaluate")
@@ -93,11 +95,13 @@ def _split_queries(path: Path | list[str], split: SplitConfig, which: str) -> di
     for rec in read_all([str(f) for f in files], "pairs"):
         if split_of(rec["query"], split) != which:
             continue
-        entry = grouped.setdefault(rec["query"], {"positives": [], "type": rec["type"], "source": rec["source"]})
+        entry = grouped.setdefault(split_key(rec["query"], split.key),
+                                   {"query": rec["query"], "positives": [], "type": rec["type"],
+                                    "source": rec["source"]})
         entry["positives"].append(rec["positive"])
     if not grouped:
         raise EvalSetError(f"{path}: no pair falls in the {which} split, so there is nothing to evaluate")
-    return grouped
+    return {entry.pop("query"): entry for entry in grouped.values()}
 
 
 def _corpus_texts(path: Path | list[str]) -> tuple[list[str], list[str]]:

@@ -96,11 +96,22 @@ def test_split_is_a_hash_of_the_query():
     assert splits == [split_of(q, cfg) for q in queries]  # deterministic
     share = {s: splits.count(s) / len(splits) for s in ("train", "dev", "test")}
     assert 0.07 < share["test"] < 0.13 and 0.07 < share["dev"] < 0.13
-    # METHOD.md: sha1 of the UTF-8 query, first 8 hex digits as int, mod 10
+    # README: sha1 of the UTF-8 normalised query (case-folded, whitespace collapsed), first 8 hex digits, mod 10;
+    # key=exact is METHOD.md's formula on the query as it is
     import hashlib
 
-    q = "What are the symptoms of SHORT syndrome ?"
-    assert bucket(q) == int(hashlib.sha1(q.encode()).hexdigest()[:8], 16) % 10
+    q = "What are the symptoms of  SHORT syndrome ?"
+    norm = "what are the symptoms of short syndrome ?"
+    assert bucket(q) == int(hashlib.sha1(norm.encode()).hexdigest()[:8], 16) % 10
+    assert bucket(q, key="exact") == int(hashlib.sha1(q.encode()).hexdigest()[:8], 16) % 10
+
+
+def test_case_and_whitespace_twins_share_a_split():
+    """Issue 13: "What is (are) Langerhans Cell Histiocytosis ?" was train and its lower-case twin test."""
+    q = "What is (are) Langerhans Cell Histiocytosis ?"
+    twins = [q, "What is (are) Langerhans cell histiocytosis ?", " what is (are)\tlangerhans cell  histiocytosis ? "]
+    assert {split_of(t) for t in twins} == {split_of(q)}
+    assert len({split_of(t, SplitConfig(key="exact")) for t in twins[:2]}) == 2  # the old key split them
 
 
 def test_k_follows_ratio_or_fixed():

@@ -52,6 +52,9 @@ def eval_command(
                                                       rich_help_panel=Panel, show_default=False)] = None,
     cache_dir: Annotated[Optional[Path], typer.Option(help="Embedding cache (default ~/.cache/lbr-ray/embeddings "
                                                       "or $LBR_CACHE/embeddings).", show_default=False)] = None,
+    split: Annotated[str, typer.Option(help="Which queries are the test split: model (the split recorded in the "
+                                       "model's lbr_ray.json, else the default), default, or an lbr-ray config "
+                                       "file (its data.split).")] = "model",
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for report.{md,json,csv,png}.")]
         = Path("runs/eval"),
     gpu: Annotated[Optional[bool], typer.Option("--gpu/--no-gpu", help="Use GPUs (default: when Ray sees any).",
@@ -71,7 +74,8 @@ def eval_command(
     from lbr_ray.errors import ConfigError
     from lbr_ray.eval.baselines import BASELINES, BM25Retriever, base_ref, minilm_ref
     from lbr_ray.eval.encode import load_encoder
-    from lbr_ray.eval.evaluator import EvalOptions, RetrievalEvaluator, default_cache_dir, resolve_data_root
+    from lbr_ray.eval.evaluator import (EvalOptions, RetrievalEvaluator, default_cache_dir, resolve_data_root,
+                                        resolve_split)
     from lbr_ray.eval.report import write_reports
 
     problems = []
@@ -88,10 +92,11 @@ def eval_command(
         problems.append("--domains is empty")
     if problems:
         raise ConfigError(problems, "options")
+    split_cfg, split_from = resolve_split(split, model if baseline is None else None)
     opts = EvalOptions(domains=names, data_root=resolve_data_root(data_root), index=index, index_params=index_params,
                        num_workers=num_workers, batch_size=batch_size, max_queries=max_queries,
                        max_corpus=max_corpus, cache_dir=str(cache_dir or default_cache_dir()), use_gpu=gpu,
-                       address=address)
+                       address=address, split=split_cfg)
     if baseline == "bm25":
         method, name = BM25Retriever(threads=max(num_workers, 1)), "bm25"
     elif baseline == "minilm":
@@ -102,6 +107,8 @@ def eval_command(
     else:
         method, name = load_encoder(model, **({"max_length": max_length} if max_length else {})), str(model)
     typer.echo(f"lbr eval: {name} on {', '.join(names)} from {opts.data_root}")
+    typer.echo(f"lbr eval: test queries from {split_from}: key {split_cfg.key}, bucket mod {split_cfg.modulus} in "
+               f"{list(split_cfg.test_buckets)}")
     results = RetrievalEvaluator(opts, log=typer.echo).evaluate(method, name)
     if sys.argv[1:2] == ["eval"]:  # run from the console: record how the report was made
         results["command"] = "lbr " + shlex.join(sys.argv[1:])

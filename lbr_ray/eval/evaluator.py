@@ -49,6 +49,31 @@ class EvalOptions:
     split: SplitConfig = field(default_factory=SplitConfig)
 
 
+def resolve_split(choice: str, model: str | None) -> tuple[SplitConfig, str]:
+    """`lbr eval --split`: `model` = the split recorded in an lbr-ray model's card (else the default), `default`,
+    or an lbr-ray config YAML whose data.split is used. Returns the split and a phrase saying where it came from."""
+    import json
+
+    from lbr_ray.config import load_config
+    from lbr_ray.errors import CheckpointError
+    from lbr_ray.model.encoder import CARD, split_from_card
+    from lbr_ray.train.checkpoint import hf_dir
+
+    if choice == "default":
+        return SplitConfig(), "the default split"
+    if choice != "model":
+        if not Path(choice).is_file():
+            raise LbrError(f"--split {choice}: not 'model', 'default' or an lbr-ray config file")
+        return load_config(choice).data.split, f"data.split of {choice}"
+    try:
+        folder = hf_dir(model) if model else None
+    except CheckpointError:
+        folder = None
+    if folder is None:
+        return SplitConfig(), "the default split (no lbr-ray model card to take it from)"
+    return split_from_card(json.loads((folder / CARD).read_text()))
+
+
 def ensure_ray(address: str | None = None, num_workers: int = 1) -> None:
     """Use the running Ray, connect to `address`, or start an embedded local one (no dashboard)."""
     import logging
@@ -106,7 +131,7 @@ class RetrievalEvaluator:
                     use_gpu = ray.cluster_resources().get("GPU", 0) > 0
         out = {"model": name or getattr(method, "name", None) or method.path or method.kind,
                "method": "dense" if dense else "bm25", "fingerprint": fingerprint, "use_gpu": bool(use_gpu),
-               "options": {k: v for k, v in asdict(self.opts).items() if k != "split"}, "domains": {}}
+               "options": asdict(self.opts), "domains": {}}
         encoded = self._encode_all(sets, method, fingerprint, bool(use_gpu)) if dense else {}
         for domain, eset in sets.items():
             self.log(f"[{domain}] {len(eset.queries)} queries, {len(eset.doc_texts)} passages "

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lbr_ray.config.schema import BottleneckConfig
+from lbr_ray.config.schema import BottleneckConfig, SplitConfig
 from lbr_ray.data.collate import pad_rows
 from lbr_ray.data.tokenize import SequenceBuilder
 from lbr_ray.errors import CheckpointError
@@ -25,6 +25,17 @@ CARD = "lbr_ray.json"
 def bottleneck_from_card(card: dict) -> BottleneckConfig:
     return BottleneckConfig(ratio=card["ratio"], k=card["k"], k_min=card["k_min"], k_max=card["k_max"],
                             sink=card["sink"], pooling=card["pooling"])
+
+
+def split_from_card(card: dict) -> tuple[SplitConfig, str]:
+    """The train/dev/test split the model was trained with, and where that came from. Cards written before the
+    split was recorded belong to runs that used the default buckets on the exact query."""
+    if "split" not in card:
+        return SplitConfig(key="exact"), "the default split on the exact query (the model card predates split records)"
+    raw = card["split"]
+    split = SplitConfig(key=raw["key"], modulus=raw["modulus"], test_buckets=tuple(raw["test_buckets"]),
+                        dev_buckets=tuple(raw["dev_buckets"]))
+    return split, "the model's training split (data.split in its lbr_ray.json)"
 
 
 class Encoder:

@@ -27,7 +27,7 @@ def lbr_card(cfg: LbrConfig, bottleneck_ids: list[int], stage: str) -> dict:
     b = cfg.bottleneck
     return {"format": "lbr-ray", "version": 1, "stage": stage, "bottleneck_ids": list(bottleneck_ids),
             "ratio": b.ratio, "k": b.k, "k_min": b.k_min, "k_max": b.k_max, "sink": b.sink, "pooling": b.pooling,
-            "max_input_tokens": cfg.data.max_input_tokens}
+            "max_input_tokens": cfg.data.max_input_tokens, "split": asdict(cfg.data.split)}
 
 
 def export_hf(model, tokenizer, cfg: LbrConfig, stage: str, out: Path) -> Path:

@@ -56,3 +56,30 @@ def test_console_entry_prints_one_line_and_exits_2():
                            "--domains", "physics", "--data-root", DEMO], capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: unknown domain 'physics'") and "Traceback" not in proc.stderr
+
+
+def test_eval_uses_the_split_recorded_in_the_model_card(tmp_path):
+    """Issue 13.4: a model trained with a custom data.split was scored on the default test queries, some of which
+    it had trained on. The card records the split; `lbr eval` uses it unless --split says otherwise."""
+    from lbr_ray.config import replace
+    from lbr_ray.config.schema import LbrConfig, ModelConfig, SplitConfig
+    from lbr_ray.data.split import split_of
+    from lbr_ray.eval.sets import build_eval_set
+    from lbr_ray.model.bottleneck import BottleneckLM
+    from lbr_ray.train.checkpoint import export_hf
+
+    cfg = replace(LbrConfig(), data={"split": SplitConfig(test_buckets=(5,), dev_buckets=(6,))},
+                  bottleneck={"k": 2, "k_max": 2})
+    model, tok = BottleneckLM.build(ModelConfig(from_scratch=True, lora=False), cfg.bottleneck)
+    export_hf(model, tok, cfg, "gr_cl", tmp_path / "model")
+    res = _invoke("--model", str(tmp_path / "model"), "--domains", "medical", *SMALL, "--output", str(tmp_path / "r"))
+    assert res.exit_code == 0, res.output
+    assert "test queries from the model's training split" in res.output
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert report["options"]["split"]["test_buckets"] == [5]
+    custom = build_eval_set(DEMO, "medical", cfg.data.split, max_queries=20, max_corpus=100)
+    assert all(split_of(q, cfg.data.split) == "test" for q in custom.queries)
+    assert report["domains"]["medical"]["rows"][0]["n_queries"] == len(custom.queries)
+    res = _invoke("--model", str(tmp_path / "model"), "--domains", "medical", *SMALL, "--split", "default",
+                  "--output", str(tmp_path / "d"))
+    assert json.loads((tmp_path / "d" / "report.json").read_text())["options"]["split"]["test_buckets"] == [0]

@@ -116,15 +116,43 @@ def _tally(summary: DataSummary, row: dict) -> bool:
     return True
 
 
+def pair_texts(row: dict, heldout_keys: set[str]) -> list[dict]:
+    """Stage-1 texts of one training pair: its query and positive, minus any text that is a dev/test positive."""
+    return [{"text": t} for t in (row["query"], row["positive"]) if text_key(t) not in heldout_keys]
+
+
+def keeps_corpus_row(row: dict, heldout_keys: set[str]) -> bool:
+    return not row.get("_error") and text_key(row["text"]) not in heldout_keys
+
+
+def keeps_pair_row(row: dict, heldout_keys: set[str]) -> bool:
+    """`ib_gl.target: pair` trains on query -> positive: a positive that is a dev/test positive is held out."""
+    return text_key(row["positive"]) not in heldout_keys
+
+
 def stage1_texts(cfg: LbrConfig, heldout_keys: set[str]) -> ray.data.Dataset:
-    """Texts for IB-GL `self`/`continuation`: training pairs' queries and positives, plus corpus passages that are
-    not dev/test positives (so no evaluation target is seen in stage 1)."""
-    train = pairs(cfg, "train").flat_map(lambda r: [{"text": r["query"]}, {"text": r["positive"]}])
+    """Texts for IB-GL `self`/`continuation`: training pairs' queries and positives, plus corpus passages, none of
+    them a dev/test positive (so no evaluation target is seen in stage 1)."""
+    train = pairs(cfg, "train").flat_map(lambda r: pair_texts(r, heldout_keys))
     if not (cfg.ib_gl.use_corpus and cfg.data.corpus):
         return train
     corpus = read_records(cfg.data.corpus, "corpus", cfg.data.on_bad_record)
-    corpus = corpus.filter(lambda r: not r["_error"] and text_key(r["text"]) not in heldout_keys)
+    corpus = corpus.filter(lambda r: keeps_corpus_row(r, heldout_keys))
     return train.union(corpus.select_columns(["text"]))
+
+
+def stage1_source(cfg: LbrConfig, heldout_keys: set[str]) -> ray.data.Dataset:
+    """The rows stage 1 tokenizes (texts, or pairs for `target: pair`), mixed across files (see `mixed`)."""
+    if cfg.ib_gl.target == "pair":
+        return mixed(pairs(cfg, "train").filter(lambda r: keeps_pair_row(r, heldout_keys)), cfg)
+    return mixed(stage1_texts(cfg, heldout_keys), cfg)
+
+
+def mixed(ds: ray.data.Dataset, cfg: LbrConfig) -> ray.data.Dataset:
+    """A seeded global shuffle: files are read one block each, in order, so without it a stage shorter than an
+    epoch would see mostly its first files. The same seed gives the same order in every execution (so resume, which
+    skips the consumed batches, continues the same stream); the workers' local shuffle varies it per epoch."""
+    return ds.random_shuffle(seed=cfg.run.seed)
 
 
 class TokenizeStage1:
@@ -151,13 +179,13 @@ class TokenizeStage1:
 class TokenizeStage2:
     """Class UDF for GR-CL: query/positive (+ hard negatives, + the IB row query -> positive when gen_weight > 0)."""
 
-    def __init__(self, cfg_dict: dict, tokenizer_path: str):
+    def __init__(self, cfg_dict: dict, tokenizer_path: str, heldout_keys: set[str] = frozenset()):
         from lbr_ray.config import config_from_dict
         from lbr_ray.data.tokenize import SequenceBuilder
         from lbr_ray.model.bottleneck import load_tokenizer
 
         cfg = config_from_dict(cfg_dict)
-        self.hard, self.gen = cfg.gr_cl.hard_negatives, cfg.gr_cl.gen_weight > 0
+        self.hard, self.gen, self.heldout = cfg.gr_cl.hard_negatives, cfg.gr_cl.gen_weight > 0, heldout_keys
         tok = load_tokenizer(tokenizer_path, cfg.bottleneck.k_max)
         self.builder = SequenceBuilder(tok, cfg.bottleneck, cfg.data.max_input_tokens, cfg.data.max_target_tokens)
 
@@ -167,19 +195,21 @@ class TokenizeStage2:
         for h in range(self.hard):
             negs = []
             for negatives, path, line in zip(batch["negatives"], batch["_file"], batch["_line"]):
-                if len(negatives) == 0:
-                    raise DataError(path, int(line), f"gr_cl.hard_negatives={self.hard} but the record has no "
-                                                     "'negatives'")
-                negs.append(negatives[h % len(negatives)])  # fewer than asked: reuse them in turn
+                usable = [n for n in negatives if text_key(n) not in self.heldout]  # no dev/test positive
+                if not usable:
+                    why = "has no 'negatives'" if len(negatives) == 0 else "has only dev/test positives as negatives"
+                    raise DataError(path, int(line), f"gr_cl.hard_negatives={self.hard} but the record {why}")
+                negs.append(usable[h % len(usable)])  # fewer than asked: reuse them in turn
             out.update(_columns(f"n{h}", self.builder.embed_rows(negs)))
         if self.gen:
             out.update(_columns("ib", self.builder.pair_rows(queries, positives)))
         return out
 
 
-def stage2_dataset(cfg: LbrConfig, tokenizer_path: str) -> ray.data.Dataset:
-    return pairs(cfg, "train").map_batches(TokenizeStage2, fn_constructor_args=(_plain(cfg), tokenizer_path),
-                                           batch_size=256, concurrency=1, num_cpus=0.5)
+def stage2_dataset(cfg: LbrConfig, tokenizer_path: str, heldout_keys: set[str] = frozenset()) -> ray.data.Dataset:
+    return mixed(pairs(cfg, "train"), cfg).map_batches(
+        TokenizeStage2, fn_constructor_args=(_plain(cfg), tokenizer_path, heldout_keys), batch_size=256,
+        concurrency=1, num_cpus=0.5)
 
 
 def _columns(prefix: str, rows) -> dict:
@@ -189,9 +219,8 @@ def _columns(prefix: str, rows) -> dict:
 
 
 def stage1_dataset(cfg: LbrConfig, heldout_keys: set[str]) -> ray.data.Dataset:
-    source = pairs(cfg, "train") if cfg.ib_gl.target == "pair" else stage1_texts(cfg, heldout_keys)
-    return source.map_batches(TokenizeStage1, fn_constructor_args=(_plain(cfg),), batch_size=256,
-                              concurrency=1, num_cpus=0.5)
+    return stage1_source(cfg, heldout_keys).map_batches(TokenizeStage1, fn_constructor_args=(_plain(cfg),),
+                                                        batch_size=256, concurrency=1, num_cpus=0.5)
 
 
 def _plain(cfg: LbrConfig) -> dict:

@@ -10,7 +10,9 @@ import json
 import time
 from pathlib import Path
 
-from lbr_ray.config import LbrConfig, replace
+import numpy as np
+
+from lbr_ray.config import LbrConfig, replace, to_dict
 from lbr_ray.config.schema import STAGES
 from lbr_ray.data import ray_data
 from lbr_ray.errors import ConfigError
@@ -44,19 +46,19 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
         _print_stage(results["ib_gl"])
         init = str(results["ib_gl"].model_dir)
     if stage in ("gr-cl", "all"):
-        results["gr_cl"] = _run_gr_cl(cfg, init, t0, match_compute, stage2_callbacks)
+        results["gr_cl"] = _run_gr_cl(cfg, init, t0, match_compute, stage2_callbacks, summary.heldout_keys)
     _write_summary(cfg, summary, results, time.time() - t0)
     return results
 
 
 def _run_gr_cl(cfg: LbrConfig, init: str | None, t0: float, match_compute: bool,
-               callbacks: list | None = None) -> StageResult:
+               callbacks: list | None = None, heldout_keys: set[str] = frozenset()) -> StageResult:
     from lbr_ray.eval.sets import build_eval_set_from_files
     from lbr_ray.recipes import gr_cl
     from lbr_ray.train.checkpoint import hf_dir
 
     if match_compute:
-        steps = matched_steps(cfg)
+        steps = matched_steps(cfg, heldout_keys)
         print(f"[lbr] match-compute: cl gets {steps} stage-2 steps (= the two-stage variants' compute)", flush=True)
         cfg = replace(cfg, gr_cl={"max_steps": steps})
     init = str(hf_dir(init)) if init else None
@@ -64,7 +66,7 @@ def _run_gr_cl(cfg: LbrConfig, init: str | None, t0: float, match_compute: bool,
                                     max_queries=cfg.gr_cl.eval_queries, max_corpus=cfg.gr_cl.eval_corpus,
                                     seed=cfg.run.seed, which="dev")
     dev_payload = {"queries": dev.queries, "docs": dev.doc_texts, "qrels": [q.tolist() for q in dev.qrels]}
-    ds = {"train": ray_data.stage2_dataset(cfg, init or cfg.model.name)}
+    ds = {"train": ray_data.stage2_dataset(cfg, init or cfg.model.name, heldout_keys)}
     res = run_stage(cfg, "gr_cl", gr_cl.train_fn, ds, init=init, extra={"dev": dev_payload}, t0=t0,
                     callbacks=callbacks)
     _print_stage(res)
@@ -76,25 +78,48 @@ def _run_gr_cl(cfg: LbrConfig, init: str | None, t0: float, match_compute: bool,
     return res
 
 
-def matched_steps(cfg: LbrConfig, sample: int = 512) -> int:
+def matched_steps(cfg: LbrConfig, heldout_keys: set[str] = frozenset(), sample: int = 512) -> int:
     """Stage-2 steps whose token count (forward+backward cost of a fixed model) equals stage 1 + stage 2 of the
-    two-stage variants, from the mean token counts of a deterministic sample of each stage's rows."""
-    from lbr_ray.data.readers import read_all
-    from lbr_ray.data.split import split_of
-    from lbr_ray.data.tokenize import SequenceBuilder
-    from lbr_ray.model.bottleneck import load_tokenizer
-
-    tok = load_tokenizer(cfg.model.name, cfg.bottleneck.k_max)
-    sb = SequenceBuilder(tok, cfg.bottleneck, cfg.data.max_input_tokens, cfg.data.max_target_tokens)
-    train = [r for r in read_all(cfg.data.pairs, "pairs") if split_of(r["query"], cfg.data.split) == "train"]
-    rows = train[:sample]
-    stage1 = sb.stage1_rows([r["positive"] for r in rows], cfg.ib_gl.target, ib=True)
-    per_row1 = sum(len(ids) for ids, _ in stage1) / len(stage1)
-    per_row2 = sum(len(ids) for ids, _ in sb.embed_rows([r["query"] for r in rows] + [r["positive"] for r in rows]))
-    per_row2 = per_row2 / len(rows)  # query + positive
+    two-stage variants, from the mean token counts of the rows each stage builds (see `mean_row_tokens`)."""
+    per_row1, per_row2 = mean_row_tokens(cfg, heldout_keys, sample)
     stage1_tokens = cfg.ib_gl.max_steps * cfg.ib_gl.batch_size * cfg.ib_gl.grad_accum * per_row1
     per_step2 = cfg.gr_cl.batch_size * cfg.gr_cl.grad_accum * per_row2
     return cfg.gr_cl.max_steps + round(stage1_tokens / per_step2)
+
+
+def mean_row_tokens(cfg: LbrConfig, heldout_keys: set[str] = frozenset(), sample: int = 512) -> tuple[float, float]:
+    """Mean tokens per stage-1 row (the lbr variant's IB rows) and per stage-2 pair (all its rows), measured on a
+    deterministic sample of the records each stage reads, tokenized by the stages' own UDFs."""
+    import heapq
+    import hashlib
+
+    from lbr_ray.data.readers import read_all
+    from lbr_ray.data.split import split_of
+
+    def pick(rows, key):  # the `sample` rows with the smallest sha1(seed, key): order-free and deterministic
+        return heapq.nsmallest(sample, rows, key=lambda r: hashlib.sha1(f"{cfg.run.seed}:{key(r)}".encode()).digest())
+
+    def columns(rows: list[dict]) -> dict:
+        return {k: np.array([r.get(k) for r in rows] + [None], dtype=object)[:-1] for k in rows[0]}
+
+    types = cfg.data.types
+    train = [r for r in read_all(cfg.data.pairs, "pairs")
+             if split_of(r["query"], cfg.data.split) == "train" and (not types or r["type"] in types)]
+    if cfg.ib_gl.target == "pair":
+        rows1 = pick([r for r in train if ray_data.keeps_pair_row(r, heldout_keys)], lambda r: r["query"])
+    else:
+        texts = [d for r in train for d in ray_data.pair_texts(r, heldout_keys)]
+        if cfg.ib_gl.use_corpus and cfg.data.corpus:
+            texts += [{"text": r["text"]} for r in read_all(cfg.data.corpus, "corpus")
+                      if ray_data.keeps_corpus_row(r, heldout_keys)]
+        rows1 = pick(texts, lambda r: r["text"])
+    lm_cfg = replace(cfg, run={"variant": "lbr"})  # the two-stage reference builds IB rows
+    built1 = ray_data.TokenizeStage1(to_dict(lm_cfg))(columns(rows1))
+    rows2 = [{**r, "_file": "", "_line": 0} for r in pick(train, lambda r: r["query"] + r["positive"])]
+    built2 = ray_data.TokenizeStage2(to_dict(cfg), cfg.model.name, heldout_keys)(columns(rows2))
+    per_row1 = sum(len(ids) for ids in built1["ib_ids"]) / len(rows1)
+    per_row2 = sum(len(ids) for k, col in built2.items() if k.endswith("_ids") for ids in col) / len(rows2)
+    return per_row1, per_row2
 
 
 def preflight(cfg: LbrConfig, init: str | None = None) -> None:

@@ -21,8 +21,11 @@ def pad_rows(ids: Sequence[Sequence[int]], segs: Sequence[Sequence[int]], pad_id
 
 
 def collate_columns(batch: dict, prefixes: Sequence[str], pad_id: int) -> dict[str, torch.Tensor]:
-    """Ray/numpy batch with `<p>_ids` / `<p>_seg` list columns -> padded tensors for each prefix."""
+    """Ray/numpy batch with `<p>_ids` / `<p>_seg` list columns -> padded tensors for each prefix; a `<p>_key`
+    column (text keys) comes along as an int64 tensor."""
     out = {}
     for p in prefixes:
         out[f"{p}_ids"], out[f"{p}_seg"] = pad_rows(list(batch[f"{p}_ids"]), list(batch[f"{p}_seg"]), pad_id)
+        if f"{p}_key" in batch:
+            out[f"{p}_key"] = torch.as_tensor(np.asarray(batch[f"{p}_key"], dtype=np.int64))
     return out

@@ -191,7 +191,8 @@ class TokenizeStage2:
 
     def __call__(self, batch: dict) -> dict:
         queries, positives = list(batch["query"]), list(batch["positive"])
-        out = {**_columns("q", self.builder.embed_rows(queries)), **_columns("p", self.builder.embed_rows(positives))}
+        out = {**_columns("q", self.builder.embed_rows(queries)), **_columns("p", self.builder.embed_rows(positives)),
+               "q_key": _text_ids(queries), "p_key": _text_ids(positives)}
         for h in range(self.hard):
             negs = []
             for negatives, path, line in zip(batch["negatives"], batch["_file"], batch["_line"]):
@@ -200,7 +201,7 @@ class TokenizeStage2:
                     why = "has no 'negatives'" if len(negatives) == 0 else "has only dev/test positives as negatives"
                     raise DataError(path, int(line), f"gr_cl.hard_negatives={self.hard} but the record {why}")
                 negs.append(usable[h % len(usable)])  # fewer than asked: reuse them in turn
-            out.update(_columns(f"n{h}", self.builder.embed_rows(negs)))
+            out.update(_columns(f"n{h}", self.builder.embed_rows(negs)), **{f"n{h}_key": _text_ids(negs)})
         if self.gen:
             out.update(_columns("ib", self.builder.pair_rows(queries, positives)))
         return out
@@ -210,6 +211,11 @@ def stage2_dataset(cfg: LbrConfig, tokenizer_path: str, heldout_keys: set[str] =
     return mixed(pairs(cfg, "train"), cfg).map_batches(
         TokenizeStage2, fn_constructor_args=(_plain(cfg), tokenizer_path, heldout_keys), batch_size=256,
         concurrency=1, num_cpus=0.5)
+
+
+def _text_ids(texts: list[str]) -> np.ndarray:
+    """int64 keys of texts (text_key's first 60 bits): equal texts, up to whitespace, get equal keys."""
+    return np.array([int(text_key(t)[:15], 16) for t in texts], dtype=np.int64)
 
 
 def _columns(prefix: str, rows) -> dict:

@@ -1,11 +1,12 @@
-"""InfoNCELoss: query -> positive over all positives of the global batch (+ hard negatives), / temperature."""
+"""InfoNCELoss: query -> positive over all positives of the global batch (+ hard negatives), / temperature; a
+candidate with the same text as the label (a duplicate positive in the batch) is not a negative."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lbr_ray.losses.distributed import all_gather_with_grad, rank_and_world
+from lbr_ray.losses.distributed import all_gather_nograd, all_gather_with_grad, rank_and_world
 
 
 class InfoNCELoss(nn.Module):
@@ -21,18 +22,38 @@ class InfoNCELoss(nn.Module):
         super().__init__()
         self.temperature, self.symmetric, self.gather = temperature, symmetric, gather
 
-    def forward(self, q: torch.Tensor, p: torch.Tensor, negatives: torch.Tensor | None = None) -> torch.Tensor:
-        """q, p: [N, D] L2-normalised; negatives: [N * h, D] or None."""
+    def forward(self, q: torch.Tensor, p: torch.Tensor, negatives: torch.Tensor | None = None,
+                keys: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """q, p: [N, D] L2-normalised; negatives: [N * h, D] or None; `keys`: optional int64 text keys of the rows
+        ("q" [N], "p" [N], "n" [N * h]): a candidate whose key equals the label's is masked out (as
+        sentence-transformers and tevatron do), so the same text twice in a global batch is no false negative."""
         rank, _ = rank_and_world() if self.gather else (0, 1)
         gather = all_gather_with_grad if self.gather else (lambda t: t)
+        gather_keys = all_gather_nograd if self.gather else (lambda t: t)
         p_all = gather(p)  # [W * N, D]
-        cands = p_all if negatives is None or negatives.numel() == 0 else torch.cat([p_all, gather(negatives)])
+        has_negs = negatives is not None and negatives.numel() > 0
+        cands = torch.cat([p_all, gather(negatives)]) if has_negs else p_all
         labels = torch.arange(q.shape[0], device=q.device) + rank * q.shape[0]
-        loss = F.cross_entropy(q @ cands.T / self.temperature, labels)
+        logits = q @ cands.T / self.temperature
+        if keys is not None:
+            cand_keys = gather_keys(keys["p"])
+            if has_negs:
+                cand_keys = torch.cat([cand_keys, gather_keys(keys["n"])])
+            logits = _mask_duplicates(logits, cand_keys, labels)
+        loss = F.cross_entropy(logits, labels)
         if self.symmetric:
-            q_all = gather(q)
-            loss = (loss + F.cross_entropy(p @ q_all.T / self.temperature, labels)) / 2
+            back = p @ gather(q).T / self.temperature
+            if keys is not None:
+                back = _mask_duplicates(back, gather_keys(keys["q"]), labels)
+            loss = (loss + F.cross_entropy(back, labels)) / 2
         return loss
 
     def get_config_dict(self) -> dict:
         return {"temperature": self.temperature, "symmetric": self.symmetric, "gather": self.gather}
+
+
+def _mask_duplicates(logits: torch.Tensor, cand_keys: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """-inf where a candidate other than the label has the label's key."""
+    dup = cand_keys[None, :] == cand_keys[labels][:, None]  # [N, C]
+    dup[torch.arange(len(labels), device=labels.device), labels] = False
+    return logits.masked_fill(dup, float("-inf"))

@@ -81,7 +81,8 @@ class Encoder:
 
     @property
     def dim(self) -> int:
-        return self.model.decoder.get_input_embeddings().weight.shape[1]
+        weight = self.model.decoder.get_input_embeddings().weight
+        return int(getattr(weight, "ds_shape", weight.shape)[1])  # ZeRO-3 leaves an empty partition; ds_shape is whole
 
 
 def _fingerprint(folder: Path) -> str:

@@ -31,7 +31,12 @@ class GRCLObjective(nn.Module):
         embed = lambda p: self.model.embed(batch[f"{p}_ids"], batch[f"{p}_seg"], self.pooling)  # noqa: E731
         q, p = embed("q"), embed("p")  # [N, D] each
         negs = torch.cat([embed(f"n{h}") for h in range(self.hard)]) if self.hard else None
-        nce = self.nce(q, p, negs)
+        keys = None
+        if "p_key" in batch:  # text keys: a duplicate of the label is no negative
+            keys = {"q": batch["q_key"], "p": batch["p_key"]}
+            if self.hard:
+                keys["n"] = torch.cat([batch[f"n{h}_key"] for h in range(self.hard)])
+        nce = self.nce(q, p, negs, keys=keys)
         out = {"loss": nce, "nce_loss": nce.detach()}
         if self.gen_weight > 0:
             gen = self.gen(self.model, batch["ib_ids"], batch["ib_seg"])["loss"]

@@ -63,22 +63,29 @@ def _encoder():
 
 def _data():
     g = torch.Generator().manual_seed(1)
-    return torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
+    q, p, n = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
+    p[5] = p[1]  # the same positive on both ranks (rank 0 row 1, rank 1 row 1)
+    n[6] = p[2]  # a hard negative that is another row's positive
+    keys = {"q": torch.arange(8), "p": torch.arange(8) + 100, "n": torch.arange(8) + 200}
+    keys["p"][5], keys["n"][6] = keys["p"][1], keys["p"][2]
+    return q, p, n, keys
 
 
-def _loss(enc, q, p, n, symmetric, use_negatives):
+def _loss(enc, q, p, n, keys, symmetric, use_negatives):
     emb = lambda x: F.normalize(enc(x), dim=-1)  # noqa: E731
-    return InfoNCELoss(0.05, symmetric=symmetric)(emb(q), emb(p), emb(n) if use_negatives else None)
+    return InfoNCELoss(0.05, symmetric=symmetric)(emb(q), emb(p), emb(n) if use_negatives else None, keys=keys)
 
 
-def _worker(rank, world, port, symmetric, use_negatives, queue):
+def _worker(rank, world, port, symmetric, use_negatives, use_keys, queue):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     enc = _encoder()
-    q, p, n = (t.chunk(world)[rank] for t in _data())
-    loss = _loss(enc, q, p, n, symmetric, use_negatives)
+    q, p, n, keys = _data()
+    q, p, n = (t.chunk(world)[rank] for t in (q, p, n))
+    keys = {k: v.chunk(world)[rank] for k, v in keys.items()} if use_keys else None
+    loss = _loss(enc, q, p, n, keys, symmetric, use_negatives)
     loss.backward()
     grads = [param.grad.clone() for param in enc.parameters()]
     for g in grads:  # what DDP / DeepSpeed do: average gradients over ranks
@@ -90,15 +97,17 @@ def _worker(rank, world, port, symmetric, use_negatives, queue):
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("symmetric, use_negatives", [(False, False), (False, True), (True, True)])
-def test_gathered_loss_and_gradients_equal_single_process(symmetric, use_negatives):
+@pytest.mark.parametrize("symmetric, use_negatives, use_keys", [(False, False, False), (False, True, False),
+                                                                (True, True, False), (True, True, True)])
+def test_gathered_loss_and_gradients_equal_single_process(symmetric, use_negatives, use_keys):
     enc = _encoder()
-    loss = _loss(enc, *_data(), symmetric, use_negatives)
+    q, p, n, keys = _data()
+    loss = _loss(enc, q, p, n, keys if use_keys else None, symmetric, use_negatives)
     loss.backward()
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, 2, port, symmetric, use_negatives, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_worker, args=(r, 2, port, symmetric, use_negatives, use_keys, queue)) for r in range(2)]
     for proc in procs:
         proc.start()
     results = sorted(queue.get(timeout=120) for _ in procs)
@@ -108,3 +117,19 @@ def test_gathered_loss_and_gradients_equal_single_process(symmetric, use_negativ
         assert abs(dist_loss - float(loss)) < 1e-5
         for g, param in zip(grads, enc.parameters()):
             assert torch.allclose(torch.from_numpy(g), param.grad, atol=1e-6)
+
+
+def test_duplicate_texts_in_a_batch_are_not_negatives():
+    """Issue 13: two queries with the same positive text made each other's positive a false negative."""
+    x = F.normalize(torch.tensor([[1.0, 0.0]]), dim=-1)
+    q = F.normalize(torch.tensor([[1.0, 0.2], [1.0, -0.2]]), dim=-1)
+    p = torch.cat([x, x])  # the same positive twice
+    nce = InfoNCELoss(0.05, gather=False)
+    assert torch.allclose(nce(q, p), torch.log(torch.tensor(2.0)))  # unmasked: the twin is an equal negative
+    keys = {"q": torch.tensor([1, 2]), "p": torch.tensor([7, 7])}
+    assert float(nce(q, p, keys=keys)) == 0.0
+    negatives = torch.cat([x, F.normalize(torch.tensor([[0.0, 1.0]]), dim=-1)])  # hard negative 0 = the positive
+    masked = nce(q, p, negatives, keys={**keys, "n": torch.tensor([7, 9])})
+    ref = F.cross_entropy(torch.stack([q[i] @ torch.stack([p[i], negatives[1]]).T for i in range(2)]) / 0.05,
+                          torch.zeros(2, dtype=torch.long))
+    assert torch.allclose(masked, ref)

@@ -202,3 +202,18 @@ def test_self_check_runs_the_training_path(model_dirs, monkeypatch):
     model._forward = eval_only
     with pytest.raises(RuntimeError, match="key_cache"):
         check_mask(model, ids, seg)
+
+
+def test_encoder_dim_under_zero3_partitioning(model_dirs):
+    """Issue 13: under ZeRO-3 each rank holds an empty partition of the embedding; its full shape is ds_shape."""
+    from lbr_ray.model.encoder import Encoder
+
+    model, tok = build(model_dirs["llama"])
+    enc = Encoder(model, tok, BottleneckConfig(k=3, k_max=4), 24)
+    hidden = model.decoder.config.hidden_size
+    weight = model.decoder.get_input_embeddings().weight
+    assert enc.dim == hidden
+    full = weight.shape
+    weight.data = torch.empty(0)
+    weight.ds_shape = full
+    assert enc.dim == hidden

@@ -51,3 +51,16 @@ def test_match_compute_measures_the_rows_stage_1_builds():
     texts += [r["text"] for r in read_all(cfg.data.corpus, "corpus")]
     rows = sb.stage1_rows(texts, "self", ib=True)
     assert per_row1 == pytest.approx(sum(len(ids) for ids, _ in rows) / len(rows))
+
+
+def test_stage_2_rows_carry_text_keys_to_the_loss():
+    """Duplicate positives get equal keys, which collate hands to InfoNCE (which masks them as negatives)."""
+    from lbr_ray.data.collate import collate_columns
+
+    cfg = load_config("configs/demo.yaml")
+    udf = ray_data.TokenizeStage2(to_dict(cfg), cfg.model.name)
+    out = udf({"query": ["a", "b", "c"], "positive": ["same text", "same  text", "other"], "negatives": [[], [], []],
+               "_file": ["f"] * 3, "_line": [1, 2, 3]})
+    batch = collate_columns(out, ["q", "p"], pad_id=0)
+    keys = batch["p_key"].tolist()
+    assert keys[0] == keys[1] != keys[2] and len(set(batch["q_key"].tolist())) == 3

@@ -232,9 +232,10 @@ class Encoded:
 
 
 def cache_key(fingerprint: str, texts: list[str], role: str) -> str:
+    """Key of the exact texts (whitespace included: tokenizers see it) under one model fingerprint and role."""
     h = hashlib.sha1(f"{fingerprint}:{role}:{len(texts)}".encode())
     for t in texts:
-        h.update(hashlib.sha1(" ".join(t.split()).encode()).digest())
+        h.update(hashlib.sha1(t.encode("utf-8")).digest())
     return f"{role}-{h.hexdigest()[:20]}"
 
 

@@ -147,3 +147,12 @@ def test_lbr_model_folder_loads_through_the_trained_encoder_class(tmp_path, monk
     assert ref.kind == "lbr" and enc.path == str(tmp_path / "gr_cl" / "model") and enc.fingerprint == ref.fingerprint
     res = RetrievalEvaluator(_opts(tmp_path / "run", domains=("medical",)), log=lambda *_: None).evaluate(ref)
     assert res["domains"]["medical"]["rows"][0]["n_queries"] == 30
+
+
+def test_cache_key_sees_whitespace_changes():
+    """Issue 13: data that changed only in whitespace reused the old embeddings (tokenizers do see whitespace)."""
+    from lbr_ray.eval.encode import cache_key
+
+    assert cache_key("m", ["a b", "c"], "doc") == cache_key("m", ["a b", "c"], "doc")
+    assert cache_key("m", ["a b", "c"], "doc") != cache_key("m", ["a  b", "c"], "doc")
+    assert cache_key("m", ["a b"], "doc") != cache_key("m", ["a b"], "query")

@@ -1,5 +1,6 @@
 """Checkpoints: a Hugging Face model folder (`hf/`, safetensors + tokenizer + lbr_ray.json), DeepSpeed engine
-state (`ds/`, every rank its own shard) and the loop position (`state.json`), plus the resolved config."""
+state (`ds/`, every rank its own shard), every rank's RNG state (`rng/`) and the loop position (`state.json`), plus
+the resolved config."""
 from __future__ import annotations
 
 import contextlib
@@ -41,14 +42,43 @@ def export_hf(model, tokenizer, cfg: LbrConfig, stage: str, out: Path) -> Path:
     return out
 
 
+def rng_state() -> dict:
+    """This process's random number generators (torch CPU and CUDA, numpy, python): dropout and shuffles."""
+    import random
+
+    import numpy as np
+    import torch
+
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(saved: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(saved["torch"])
+    if saved["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])
+    np.random.set_state(saved["numpy"])
+    random.setstate(saved["python"])
+
+
 def save(engine, model, tokenizer, cfg: LbrConfig, stage: str, state: LoopState, out: Path, rank: int) -> None:
-    """Every rank writes its DeepSpeed shard under `out`; rank 0 adds the HF folder, state and config."""
+    """Every rank writes its DeepSpeed shard and its RNG state under `out`; rank 0 adds the HF folder, state and
+    config."""
     gather = contextlib.nullcontext()
     if cfg.deepspeed.zero_stage == 3:
         import deepspeed
 
         gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
     engine.save_checkpoint(str(out / "ds"), tag=DS_TAG, client_state={"loop": asdict(state)})
+    (out / "rng").mkdir(parents=True, exist_ok=True)
+    import torch
+
+    torch.save(rng_state(), out / "rng" / f"rank{rank}.pt")
     with gather:
         if rank == 0:
             export_hf(model, tokenizer, cfg, stage, out / "hf")
@@ -57,13 +87,18 @@ def save(engine, model, tokenizer, cfg: LbrConfig, stage: str, state: LoopState,
         save_config(cfg, out / "config.yaml")
 
 
-def load(engine, ckpt_dir: Path) -> LoopState:
-    """Restore engine (weights, optimizer, schedule) and the loop position."""
+def load(engine, ckpt_dir: Path, rank: int = 0) -> LoopState:
+    """Restore engine (weights, optimizer, schedule), the loop position and this rank's RNG state."""
     if not (ckpt_dir / "ds").is_dir():
         raise CheckpointError(f"{ckpt_dir} has no DeepSpeed state (ds/); it is not an lbr-ray training checkpoint")
     _, client = engine.load_checkpoint(str(ckpt_dir / "ds"), tag=DS_TAG)
     if client is None:
         raise CheckpointError(f"could not load the DeepSpeed state in {ckpt_dir / 'ds'}")
+    rng = ckpt_dir / "rng" / f"rank{rank}.pt"
+    if rng.is_file():  # checkpoints from before RNG states were saved resume re-seeded
+        import torch
+
+        set_rng_state(torch.load(rng, weights_only=False))
     return LoopState(**client["loop"])
 
 

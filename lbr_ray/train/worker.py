@@ -70,7 +70,7 @@ class WorkerRun:
         if checkpoint is None:
             return LoopState()
         with checkpoint.as_directory() as d:
-            state = ckpt.load(engine, Path(d))
+            state = ckpt.load(engine, Path(d), self.rank)
         ray.train.report({"resumed_at_step": state.step})  # marks the restart in metrics.jsonl
         if self.rank == 0:
             print(f"[lbr] {self.stage}: resumed from {checkpoint.path} at step {state.step}", flush=True)

@@ -45,3 +45,22 @@ def test_evaluation_follows_its_own_schedule_not_the_logging_one():
     assert [m["step"] for m in logged if "dev_recall@10" in m] == [250, 500, 750, 1000]
     assert [m["step"] for m in logged] == sorted({*range(20, 1001, 20), 250, 750})
     assert saved == [500, 1000]
+
+
+def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
+    """Issue 13: resume re-seeded, so dropout replayed the masks of step 0; the saved state continues the stream."""
+    import random
+
+    import numpy as np
+
+    from lbr_ray.train.checkpoint import rng_state, set_rng_state
+
+    torch.manual_seed(3)
+    torch.rand(5)
+    torch.save(rng_state(), tmp_path / "rank0.pt")
+    expect = (torch.rand(4), np.random.rand(2), random.random())
+    torch.manual_seed(3)  # what a re-seeding resume did
+    assert not torch.equal(torch.rand(4), expect[0])
+    set_rng_state(torch.load(tmp_path / "rank0.pt", weights_only=False))
+    got = (torch.rand(4), np.random.rand(2), random.random())
+    assert torch.equal(got[0], expect[0]) and np.array_equal(got[1], expect[1]) and got[2] == expect[2]

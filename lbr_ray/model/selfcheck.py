@@ -97,25 +97,35 @@ def no_dropout(model):
 
 def check_training_path(model, ids: torch.Tensor, seg: torch.Tensor, rtol: float) -> float:
     """Forward + backward of the backend in training mode (where gradient checkpointing is active) against the
-    dense reference: max over trainable tensors of max |grad difference| / max |reference grad|."""
+    dense reference: the states must agree within `rtol` and every trainable tensor the reference reaches must get a
+    gradient; returns the global gradient difference |g - ref| / |ref| (L2 over all trainable tensors), which must
+    stay below 1e-3 in float32 and 0.5 in bf16/fp16 (where rounding in two different kernels compounds through the
+    backward pass: 0.27 measured on a 2-layer Qwen2 with LoRA, 2e-5 in float32)."""
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
+    valid = seg != PAD
 
-    def grads(forward):
+    def run(forward):
         h = forward()
-        return torch.autograd.grad(h[seg == Y].float().pow(2).mean(), params, allow_unused=True)
+        return h.detach(), torch.autograd.grad(h[seg == Y].float().pow(2).mean(), params, allow_unused=True)
 
     with torch.enable_grad(), no_dropout(model):
-        ref = grads(lambda: dense_hidden(model.decoder, ids, seg, ib=True, sink=model.sink))
-        got = grads(lambda: model.hidden(ids, seg))
-    diffs = [float((g - r).abs().max() / r.abs().max()) for g, r in zip(got, ref)
-             if r is not None and g is not None and r.abs().max() > 0]
-    if not diffs:
+        ref_h, ref = run(lambda: dense_hidden(model.decoder, ids, seg, ib=True, sink=model.sink))
+        got_h, got = run(lambda: model.hidden(ids, seg))
+    diff = float((got_h - ref_h)[valid].abs().max() / ref_h[valid].abs().max())
+    if diff > rtol:
+        raise MaskLeakError(f"backend {model.backend!r} differs from the dense reference in training mode by "
+                            f"{diff:.3g} (relative) > {rtol}")
+    pairs = [(g, r) for g, r in zip(got, ref) if r is not None and bool(r.abs().max() > 0)]
+    if not pairs:
         raise MaskLeakError("no trainable parameter gets a gradient from the targets")
-    if len(diffs) != sum(r is not None and r.abs().max() > 0 for r in ref):
-        raise MaskLeakError(f"backend {model.backend!r} leaves trainable parameters without a gradient")
-    worst = max(diffs)
-    if worst > rtol * 10:
-        raise MaskLeakError(f"backend {model.backend!r} gradients differ from the dense reference by {worst:.3g} "
-                            f"(relative) > {rtol * 10}")
-    return worst
+    if any(g is None or not torch.isfinite(g).all() for g, _ in pairs):
+        raise MaskLeakError(f"backend {model.backend!r} leaves trainable parameters without a (finite) gradient")
+    num = sum(float((g.float() - r.float()).pow(2).sum()) for g, r in pairs)
+    den = sum(float(r.float().pow(2).sum()) for _, r in pairs)
+    grad_diff = (num / den) ** 0.5
+    limit = 1e-3 if ref_h.dtype == torch.float32 else 0.5
+    if grad_diff > limit:
+        raise MaskLeakError(f"backend {model.backend!r} gradients differ from the dense reference by {grad_diff:.3g} "
+                            f"(relative L2) > {limit}")
+    return grad_diff

@@ -18,3 +18,20 @@ def ray_local():
                  runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     yield ray
     ray.shutdown()
+
+
+# The demo config with its own model, bottleneck (R=32), token limits, backend and ZeRO stage; only the step counts,
+# batch sizes and dev-set caps are cut to test size.
+DEMO_RUN = ["ib_gl.batch_size=8", "ib_gl.warmup_steps=3", "ib_gl.max_steps=20", "gr_cl.warmup_steps=3",
+            "gr_cl.batch_size=16", "gr_cl.max_steps=40", "gr_cl.log_every=5", "gr_cl.eval_every=20",
+            "gr_cl.eval_queries=100", "gr_cl.eval_corpus=400"]
+
+
+@pytest.fixture(scope="session")
+def demo_run(ray_local, tmp_path_factory):
+    """One two-stage run of configs/demo.yaml shared by the tests that inspect a trained model."""
+    from lbr_ray.config import load_config
+    from lbr_ray.recipes.pipeline import train
+
+    out = tmp_path_factory.mktemp("demo-run")
+    return out, train(load_config("configs/demo.yaml", DEMO_RUN + [f"run.output={out}"]), stage="all")

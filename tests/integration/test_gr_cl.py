@@ -17,13 +17,8 @@ SMALL = ["data.max_input_tokens=48", "data.max_target_tokens=48", "ib_gl.batch_s
 
 
 @pytest.fixture(scope="module")
-def lbr_run(ray_local, tmp_path_factory):
-    from lbr_ray.recipes.pipeline import train
-
-    out = tmp_path_factory.mktemp("lbr")
-    cfg = load_config("configs/demo.yaml", SMALL + ["ib_gl.max_steps=20", "gr_cl.max_steps=40", "gr_cl.log_every=5",
-                                                    "gr_cl.eval_every=20", f"run.output={out}"])
-    return out, train(cfg, stage="all")
+def lbr_run(demo_run):
+    return demo_run
 
 
 def test_two_stage_run_loss_falls_and_dev_recall_rises(lbr_run):
@@ -38,35 +33,6 @@ def test_two_stage_run_loss_falls_and_dev_recall_rises(lbr_run):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["stages"]) == {"ib_gl", "gr_cl"}
     assert (out / "ib_gl" / "model" / "lbr_ray.json").is_file() and (out / "gr_cl" / "model" / "lbr_ray.json").is_file()
-
-
-def test_export_matches_lbr_embeddings_without_importing_lbr(lbr_run, tmp_path):
-    from lbr_ray.export.sentence_transformers import export
-    from lbr_ray.model.encoder import Encoder
-
-    out, _ = lbr_run
-    folder = export(out, tmp_path / "st")
-    texts = ["What are the symptoms of diabetes?", "insulin", "A long passage about kidneys. " * 40]
-    ours = Encoder.from_pretrained(out / "gr_cl" / "model").encode(texts, batch_size=2)
-    code = ("import sys, json; from sentence_transformers import SentenceTransformer; "
-            "m = SentenceTransformer(sys.argv[1], device='cpu'); "
-            "print(json.dumps(m.encode(json.loads(sys.argv[2]), batch_size=2).tolist())); "
-            "print('LBR_IMPORTED', any(k.startswith('lbr_ray') for k in sys.modules))")
-    res = subprocess.run([sys.executable, "-c", code, str(folder), json.dumps(texts)], capture_output=True,
-                         text=True, timeout=300, cwd=tmp_path)
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = res.stdout.strip().splitlines()
-    theirs = np.array(json.loads(lines[-2]))
-    assert lines[-1] == "LBR_IMPORTED False"
-    assert (np.sum(ours * theirs, axis=1) >= 0.9999).all()
-    from transformers import AutoModelForCausalLM
-
-    AutoModelForCausalLM.from_pretrained(folder)  # the same folder is a merged HF causal LM
-    from lbr_ray.export.mteb import MTEBModel
-
-    mteb = MTEBModel(str(out), batch_size=2)
-    assert np.allclose(mteb.encode(texts), ours, atol=1e-5)
-    assert np.allclose(mteb.encode([{"text": texts[:2]}, {"text": texts[2:]}]), ours, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant", ["gl-cl", "cl"])

@@ -4,7 +4,9 @@ A transformers upgrade can silently drop a custom mask, so before training we ve
 1. in every layer (eager attention), the weight from each target row to each input column is exactly 0,
    while bottleneck rows do attend to the input;
 2. the target rows' states differ from a plain causal forward (the mask is not ignored);
-3. the chosen backend matches the dense reference.
+3. the chosen backend matches the dense reference;
+4. for packed rows (several units in one row): no weight crosses a document boundary, and every unit's states
+   equal those of the same unit run alone.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 
 from lbr_ray.errors import MaskLeakError
 from lbr_ray.model.attention.dense import dense_hidden
-from lbr_ray.model.masks import B, PAD, X, Y
+from lbr_ray.layout import B, PAD, SINK, X, Y, documents
 
 SELF_CHECK_TEXTS = [
     "Aspirin irreversibly inhibits cyclooxygenase and reduces platelet aggregation.",
@@ -54,17 +56,23 @@ def check_mask(model, ids: torch.Tensor, seg: torch.Tensor, rtol: float | None =
         y_rows = (seg == Y)[:, None, :, None]
         x_cols = (seg == X)[:, None, None, :]
         b_rows = (seg == B)[:, None, :, None]
-        leak, b_to_x = 0.0, float("inf")
+        doc = documents(seg)
+        other_doc = (doc[:, :, None] != doc[:, None, :])[:, None]
+        packed = bool(((seg == SINK).sum(1) > 1).any())
+        leak, cross, b_to_x = 0.0, 0.0, float("inf")
         for layer, w in enumerate(attention_weights(model, ids, seg)):
             leak = max(leak, float((w * (y_rows & x_cols)).abs().max()))
+            cross = max(cross, float((w * other_doc).abs().max()))
             b_to_x = min(b_to_x, float((w * (b_rows & x_cols)).sum(-1).amax()))
         if leak != 0.0:
             raise MaskLeakError(f"target tokens attend to input tokens (max weight {leak:.3g}): the IB mask leaks")
+        if cross != 0.0:
+            raise MaskLeakError(f"tokens attend across packed documents (max weight {cross:.3g}): packing leaks")
         if not b_to_x > 0:
             raise MaskLeakError("bottleneck tokens do not attend to the input: the mask blocks too much")
         valid = seg != PAD
         ref = dense_hidden(model.decoder, ids, seg, ib=True, sink=model.sink)
-        causal = model.hidden(ids, seg, ib=False)
+        causal = model.hidden(ids, seg, ib=False, packed=packed)
         masked_effect = float((ref - causal)[seg == Y].abs().max())
         if masked_effect == 0.0:
             raise MaskLeakError("the custom mask is ignored: IB and plain causal forwards give the same targets")
@@ -74,6 +82,25 @@ def check_mask(model, ids: torch.Tensor, seg: torch.Tensor, rtol: float | None =
         if diff > rtol:
             raise MaskLeakError(f"backend {model.backend!r} differs from the dense reference by {diff:.3g} "
                                 f"(relative) > {rtol}")
-        return {"y_to_x_weight": leak, "backend_rel_diff": diff, "mask_effect": masked_effect}
+        result = {"y_to_x_weight": leak, "backend_rel_diff": diff, "mask_effect": masked_effect}
+        if packed:
+            result["cross_doc_weight"] = cross
+            result["packed_rel_diff"] = _check_packed(model, ids, seg, doc, rtol)
+        return result
     finally:
         model.train(was_training)
+
+
+def _check_packed(model, ids: torch.Tensor, seg: torch.Tensor, doc: torch.Tensor, rtol: float) -> float:
+    """Every unit of a packed row, run alone, gives the states it gets inside the packed row."""
+    worst = 0.0
+    packed_hidden = model.hidden(ids, seg)
+    for r in range(ids.shape[0]):
+        for d in doc[r][seg[r] != PAD].unique():
+            where = (doc[r] == d) & (seg[r] != PAD)
+            alone = model.hidden(ids[r][where][None], seg[r][where][None])[0]
+            ref = packed_hidden[r][where]
+            worst = max(worst, float((alone - ref).abs().max() / ref.abs().max()))
+    if worst > rtol:
+        raise MaskLeakError(f"a packed unit differs from the same unit alone by {worst:.3g} (relative) > {rtol}")
+    return worst

@@ -9,7 +9,7 @@ from torch import nn
 
 from lbr_ray.losses import IBGenerativeLoss, InfoNCELoss
 from lbr_ray.model.encoder import Encoder
-from lbr_ray.model.masks import PAD
+from lbr_ray.layout import PAD
 from lbr_ray.recipes.setup import build_model
 from lbr_ray.train.deepspeed import initialize
 from lbr_ray.train.loop import train_loop

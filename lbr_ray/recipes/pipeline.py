@@ -81,7 +81,7 @@ def matched_steps(cfg: LbrConfig, sample: int = 512) -> int:
     two-stage variants, from the mean token counts of a deterministic sample of each stage's rows."""
     from lbr_ray.data.readers import read_all
     from lbr_ray.data.split import split_of
-    from lbr_ray.data.tokenize import SequenceBuilder
+    from lbr_ray.layout import SequenceBuilder
     from lbr_ray.model.bottleneck import load_tokenizer
 
     tok = load_tokenizer(cfg.model.name, cfg.bottleneck.k_max)

@@ -9,7 +9,7 @@ import ray.train
 import torch
 
 from lbr_ray.config import config_from_dict
-from lbr_ray.data.collate import collate_columns
+from lbr_ray.layout import collate_columns
 from lbr_ray.train import checkpoint as ckpt
 from lbr_ray.train.checkpoint import LoopState
 from lbr_ray.train.telemetry import Telemetry
@@ -22,11 +22,11 @@ except ImportError:  # older Ray: plain callables
 class PadCollate(NumpyBatchCollateFn):
     """Pads `<prefix>_ids/_seg` columns of a numpy batch into tensors (runs in the iterator's thread)."""
 
-    def __init__(self, prefixes: list[str], pad_id: int):
-        self.prefixes, self.pad_id = prefixes, pad_id
+    def __init__(self, prefixes: list[str], pad_id: int, length: int | None = None):
+        self.prefixes, self.pad_id, self.length = prefixes, pad_id, length
 
     def __call__(self, batch):
-        return collate_columns(batch, self.prefixes, self.pad_id)
+        return collate_columns(batch, self.prefixes, self.pad_id, self.length)
 
 
 class WorkerRun:
@@ -40,10 +40,12 @@ class WorkerRun:
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         torch.manual_seed(self.cfg.run.seed)
 
-    def batches(self, prefixes: list[str], batch_size: int, pad_id: int, name: str = "train"):
-        """`epoch -> batches` of padded tensors, already on this worker's device (Ray's device="auto")."""
+    def batches(self, prefixes: list[str], batch_size: int, pad_id: int, name: str = "train",
+                length: int | None = None):
+        """`epoch -> batches` of padded tensors (to `length` when given, e.g. packed rows), already on this
+        worker's device (Ray's device="auto")."""
         shard = ray.train.get_dataset_shard(name)
-        collate = PadCollate(prefixes, pad_id)
+        collate = PadCollate(prefixes, pad_id, length)
 
         def epoch_batches(epoch: int):
             return shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=True,

@@ -96,6 +96,7 @@ class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    peak_tflops: float | None = None  # one device's peak TFLOP/s for MFU (default: GPU table / CPU estimate)
 
 
 @dataclass(frozen=True)

@@ -28,13 +28,14 @@ class IBGenerativeLoss(nn.Module):
     def from_hidden(self, hidden, lm_head, ids, seg) -> dict[str, torch.Tensor]:
         nxt_seg, nxt_ids = seg[:, 1:], ids[:, 1:]  # the token each position predicts
         h = hidden[:, :-1]
-        out = {}
+        out = {"head_rows": seg.new_zeros(())}
         has_target = bool((nxt_seg == Y).any())
         for name, segment in (("target_loss", Y), ("input_loss", X)):
             where = nxt_seg == segment  # [B, T-1]
             if not where.any() or (name == "input_loss" and has_target and self.alpha == 0):
                 out[name] = hidden.new_zeros(())
                 continue
+            out["head_rows"] = out["head_rows"] + where.sum()
             logits = lm_head(h[where]).float()  # [N, V]
             out[name] = F.cross_entropy(logits, nxt_ids[where])
         input_weight = self.alpha if has_target else 1.0

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
 from lbr_ray.layout import SequenceBuilder, pack, pad_rows
 from lbr_ray.model.bottleneck import BottleneckLM
 from lbr_ray.model.selfcheck import SELF_CHECK_TEXTS, check_mask
+
+log = logging.getLogger("lbr_ray")
 
 
 def build_model(cfg, init: str | None = None):
@@ -29,5 +32,6 @@ def self_check(model, tok, cfg, rank: int = 0) -> dict:
     device = next(model.parameters()).device
     result = check_mask(model, ids.to(device), seg.to(device))
     if rank == 0:
-        print(f"[lbr] mask self-check passed ({model.backend}): {result}", flush=True)
+        log.info("mask self-check passed (%s%s): %s", model.backend, ", packed rows" if cfg.ib_gl.pack else "",
+                 {k: float(f"{v:.3g}") for k, v in result.items()})
     return result

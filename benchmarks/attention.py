@@ -18,10 +18,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lbr_ray.config.schema import BottleneckConfig  # noqa: E402
-from lbr_ray.data.collate import pad_rows  # noqa: E402
+from lbr_ray.layout import B, SINK, X, Y, pad_rows  # noqa: E402
 from lbr_ray.losses import IBGenerativeLoss, InfoNCELoss  # noqa: E402
 from lbr_ray.model.bottleneck import BottleneckLM  # noqa: E402
-from lbr_ray.model.masks import B, SINK, X, Y  # noqa: E402
 from lbr_ray.model.selfcheck import check_mask  # noqa: E402
 
 PRESETS = {  # Qwen2.5-0.5B's shape with random weights; a tiny one for CPU smoke runs

@@ -48,6 +48,7 @@ def train(
     overrides: SetOpt = None,
     address: AddressOpt = None,
     cluster: ClusterOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's, DeepSpeed's and the workers' own output on the console (by default it goes to the run's log files: RUN/logs/, RUN/<stage>/logs/).")] = False,
 ) -> None:
     """Train an LBR model: IB-GL (stage 1), GR-CL (stage 2) or both, on Ray Train + DeepSpeed."""
     t0 = time.time()
@@ -65,7 +66,7 @@ def train(
                               variant=variant, data=data)
     from lbr_ray.recipes.pipeline import train as run_train  # imports Ray, torch: after the cheap checks
     run_train(cfg, stage=stage, init=str(init) if init else None, address=address, t0=t0,
-              match_compute=match_compute)
+              match_compute=match_compute, quiet=not verbose)
 
 
 def register(app: typer.Typer) -> None:

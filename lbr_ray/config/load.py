@@ -101,7 +101,33 @@ def validate(cfg: LbrConfig) -> list[str]:
         problems.append(f"data.split.key={cfg.data.split.key!r} is not one of {list(SPLIT_KEYS)}")
     if cfg.data.max_input_tokens < 1 or cfg.data.max_target_tokens < 1:
         problems.append("data.max_input_tokens and data.max_target_tokens must be >= 1")
+    problems += _validate_pack(cfg)
     return problems + _validate_tune(cfg)
+
+
+def _validate_pack(cfg: LbrConfig) -> list[str]:
+    if not cfg.ib_gl.pack:
+        return []
+    from lbr_ray.layout import max_unit_length
+
+    problems = []
+    if cfg.model.attn_backend == "kv_split":
+        problems.append("ib_gl.pack: true needs model.attn_backend dense or flex (kv_split runs one unit per row)")
+    longest = max_unit_length(cfg.data.max_input_tokens, cfg.data.max_target_tokens, cfg.bottleneck.k_max)
+    if cfg.ib_gl.pack_length and cfg.ib_gl.pack_length < longest:
+        problems.append(f"ib_gl.pack_length={cfg.ib_gl.pack_length} is shorter than the longest unit ({longest} = 1 + "
+                        "data.max_input_tokens + bottleneck.k_max + data.max_target_tokens)")
+    return problems
+
+
+def pack_length(cfg: LbrConfig) -> int | None:
+    """Tokens per packed IB-GL row, or None when stage 1 does not pack."""
+    if not cfg.ib_gl.pack:
+        return None
+    from lbr_ray.layout import max_unit_length
+
+    return cfg.ib_gl.pack_length or max_unit_length(cfg.data.max_input_tokens, cfg.data.max_target_tokens,
+                                                    cfg.bottleneck.k_max)
 
 
 def _validate_tune(cfg: LbrConfig) -> list[str]:

@@ -66,6 +66,8 @@ class IBGLConfig(StageConfig):
     alpha: float = 0.0  # weight of the plain LM loss on the input tokens
     mask: bool = True  # False = plain causal LM on the text (the gl-cl ablation)
     use_corpus: bool = True  # train on corpus passages as well as on the training pairs' texts
+    pack: bool = False  # pack several units into each fixed-length row (no attention across units)
+    pack_length: int = 0  # tokens per packed row (0 = the longest possible unit: 1 + max_input + k_max + max_target)
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,7 @@ class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    peak_tflops: float | None = None  # one device's peak TFLOP/s for MFU (default: GPU table / CPU estimate)
 
 
 @dataclass(frozen=True)

@@ -160,11 +160,13 @@ class TokenizeStage1:
 
     def __init__(self, cfg_dict: dict):
         from lbr_ray.config import config_from_dict
-        from lbr_ray.data.tokenize import SequenceBuilder
+        from lbr_ray.config.load import pack_length
+        from lbr_ray.layout import SequenceBuilder
         from lbr_ray.model.bottleneck import load_tokenizer
 
         cfg = config_from_dict(cfg_dict)
         self.ib, self.target = cfg.ib_gl.mask and cfg.run.variant != "gl-cl", cfg.ib_gl.target
+        self.pack_length = pack_length(cfg)
         tok = load_tokenizer(cfg.model.name, cfg.bottleneck.k_max)
         self.builder = SequenceBuilder(tok, cfg.bottleneck, cfg.data.max_input_tokens, cfg.data.max_target_tokens)
 
@@ -173,6 +175,10 @@ class TokenizeStage1:
             rows = self.builder.pair_rows(list(batch["query"]), list(batch["positive"]), ib=self.ib)
         else:
             rows = self.builder.stage1_rows(list(batch["text"]), self.target, self.ib)
+        if self.pack_length:  # several units per row (first-fit decreasing within this block of 256 units)
+            from lbr_ray.layout import pack
+
+            rows = pack(rows, self.pack_length)
         return _columns("ib", rows)
 
 
@@ -181,7 +187,7 @@ class TokenizeStage2:
 
     def __init__(self, cfg_dict: dict, tokenizer_path: str, heldout_keys: set[str] = frozenset()):
         from lbr_ray.config import config_from_dict
-        from lbr_ray.data.tokenize import SequenceBuilder
+        from lbr_ray.layout import SequenceBuilder
         from lbr_ray.model.bottleneck import load_tokenizer
 
         cfg = config_from_dict(cfg_dict)

@@ -159,6 +159,8 @@ class RetrievalEvaluator:
         shards = list(docs.shards())
         k = min(o.k, len(eset.doc_texts))
         threads = max(1, (os.cpu_count() or 1) // max(o.num_workers, 1)) if not use_gpu else 0
+        if o.index == "auto" or o.index_params == "auto":
+            return self._dense_auto(q, shards, k, use_gpu, threads, docs, queries)
         start = time.perf_counter()
         _, top = search_shards(shards, q, k, o.index, o.index_params, o.num_workers, use_gpu, threads)
         search_s = time.perf_counter() - start
@@ -169,6 +171,40 @@ class RetrievalEvaluator:
             run["ann_recall@10"] = ann_recall(top, exact, min(10, k))
             run["ann_recall@100"] = ann_recall(top, exact, k)
         return run
+
+    def _dense_auto(self, q, shards, k: int, use_gpu: bool, threads: int, docs, queries) -> dict:
+        """`--index auto` / `--index-params auto`: the cheapest search parameter reaching recall@10 >= 0.99 against
+        exact search on a sample of the queries, then every query searched with it; both indexes are built
+        once and only their searches are timed, so `qps_ratio_vs_exact` compares search speed alone."""
+        from lbr_ray.eval.index import AUTO_TARGET, ShardedIndex, auto_spec, group_shards, tune_search_params
+
+        o = self.opts
+        spec = o.index
+        if spec == "auto":
+            spec = auto_spec(min(len(r) for _, r in group_shards(shards, max(o.num_workers, 1))))
+        sample = q[np.random.default_rng(o.seed).permutation(len(q))[: min(len(q), 1000)]]
+        with ShardedIndex(shards, "Flat", "", o.num_workers, use_gpu, threads) as flat:
+            start = time.perf_counter()
+            _, exact = flat.search(q, k)
+            exact_s = time.perf_counter() - start
+            _, exact_sample = flat.search(sample, 10)
+        params, trace = "", []
+        with ShardedIndex(shards, spec, "", o.num_workers, use_gpu, threads) as ann:
+            if not is_exact(spec):
+                params, trace = tune_search_params(ann, sample, exact_sample, spec)
+                ann.set_params(params)
+            start = time.perf_counter()
+            _, top = ann.search(q, k)
+            search_s = time.perf_counter() - start
+        self.log(f"  index {spec} {params or ''}: recall@10 vs exact {ann_recall(top, exact, min(10, k)):.4f} "
+                 f"(target {AUTO_TARGET} on {len(sample)} sample queries), {exact_s / max(search_s, 1e-9):.2f}x "
+                 "the exact search's queries/s")
+        return {"top": top, "search_seconds": search_s, "encoded_passages": docs.encoded,
+                "encoded_queries": queries.encoded, "encode_pass_seconds": docs.seconds, "dim": docs.dim,
+                "index": spec, "index_params": params, "auto_trace": trace,
+                "ann_recall@10": ann_recall(top, exact, min(10, k)), "ann_recall@100": ann_recall(top, exact, k),
+                "exact_search_seconds": exact_s, "qps_exact": len(q) / max(exact_s, 1e-9),
+                "qps_ratio_vs_exact": exact_s / max(search_s, 1e-9)}
 
     def _bm25(self, eset: EvalSet, bm25: BM25Retriever) -> dict:
         start = time.perf_counter()

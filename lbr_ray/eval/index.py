@@ -78,6 +78,13 @@ class ShardIndex:
     def size(self) -> int:
         return int(self.rows.size)
 
+    def set_params(self, params: str) -> None:
+        """Change the search parameters (e.g. nprobe=16, efSearch=64) of the built index."""
+        if self.index is not None and params:
+            import faiss
+
+            faiss.ParameterSpace().set_index_parameters(self.index, params)
+
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores [Q, k], global rows [Q, k]); missing results are row -1 with score -inf."""
         q = np.ascontiguousarray(q, dtype=np.float32)
@@ -147,6 +154,15 @@ class ShardedIndex:
         self.actors = [actor_cls.remote(ray.put(e), r, spec, params, use_gpu, threads) for e, r in groups]
         ray.get([a.size.remote() for a in self.actors])  # wait until every shard's index is built
 
+    def set_params(self, params: str) -> None:
+        if self.local:
+            for s in self.local:
+                s.set_params(params)
+        else:
+            import ray
+
+            ray.get([a.set_params.remote(params) for a in self.actors])
+
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if q.shape[1] != self.dim:
             raise LbrError(f"embedding size mismatch: queries have size {q.shape[1]}, passages {self.dim}; "
@@ -180,3 +196,44 @@ def search_shards(shards: list[tuple[np.ndarray, np.ndarray]], q: np.ndarray, k:
     """Top-k over all shards in one call: build the shard indexes, search, release them."""
     with ShardedIndex(shards, spec, params, num_workers, use_gpu, threads) as index:
         return index.search(q, k)
+
+
+AUTO_TARGET = 0.99  # recall@10 against exact search that `--index-params auto` must reach on the sample
+
+
+def auto_spec(n_rows_per_shard: int) -> str:
+    """`--index auto`: an IVF index sized to the shard, nlist ~ 4 sqrt(n) (a power of two, >= 39 rows per list
+    for FAISS's k-means), or Flat for shards too small for an IVF index to pay off."""
+    if n_rows_per_shard < 4096:
+        return "Flat"
+    nlist = 2 ** int(np.log2(4 * np.sqrt(n_rows_per_shard)))
+    return f"IVF{min(nlist, n_rows_per_shard // 39)},Flat"
+
+
+def search_param_candidates(spec: str) -> list[str]:
+    """Search parameters of an ANN index from cheapest to most exact: nprobe (IVF) or efSearch (HNSW)."""
+    up = spec.upper()
+    if "IVF" in up:
+        nlist = int("".join(c for c in up.split("IVF", 1)[1].split(",", 1)[0] if c.isdigit()) or 1)
+        return [f"nprobe={p}" for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if p < nlist] + \
+            [f"nprobe={nlist}"]
+    if "HNSW" in up:
+        return [f"efSearch={e}" for e in (16, 32, 64, 128, 256, 512, 1024, 2048)]
+    return [""]
+
+
+def tune_search_params(index: "ShardedIndex", sample: np.ndarray, exact_top: np.ndarray, spec: str,
+                       target: float = AUTO_TARGET, k: int = 10) -> tuple[str, list[dict]]:
+    """The cheapest search parameter whose recall@k against exact search on `sample` reaches `target` (the most
+    exact candidate if none does); returns it and the (params, recall) trace."""
+    from lbr_ray.eval.metrics import ann_recall
+
+    trace = []
+    for params in search_param_candidates(spec):
+        index.set_params(params)
+        _, top = index.search(sample, k)
+        recall = ann_recall(top, exact_top[:, :k], k)
+        trace.append({"params": params, "recall@10": recall})
+        if recall >= target:
+            return params, trace
+    return trace[-1]["params"], trace

@@ -14,7 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
-from lbr_ray.data.tokenize import num_bottleneck
+from lbr_ray.layout import num_bottleneck
 from lbr_ray.errors import LbrError
 from lbr_ray.model.encoder import CARD, bottleneck_from_card
 from lbr_ray.train.checkpoint import hf_dir
@@ -77,7 +77,7 @@ def _append_bottleneck(tok, b_ids: list[int], sink_id: int | None) -> None:
     """Make the fast tokenizer itself produce `[sink] text [b_1..b_k]` (no lbr-ray code at inference)."""
     from tokenizers import processors
 
-    from lbr_ray.data.tokenize import sink_token_id
+    from lbr_ray.layout import sink_token_id
 
     sink = sink_id if sink_id is not None else sink_token_id(tok)
     names = [tok.convert_ids_to_tokens(i) for i in [sink, *b_ids]]

@@ -5,13 +5,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lbr_ray.model.masks import X, Y
+from lbr_ray.layout import X, Y
 
 
 class IBGenerativeLoss(nn.Module):
     """L = CE(y | sink, b, y_<t) + alpha * CE(x | x_<t).
 
     Rows without target tokens (the gl-cl ablation's plain LM rows) contribute CE on x with weight 1.
+    Packed rows need nothing special: the token after a unit is the next unit's sink, which is never scored.
     Only the positions that predict a scored token go through the LM head, so large vocabularies stay cheap.
     """
 
@@ -19,20 +20,22 @@ class IBGenerativeLoss(nn.Module):
         super().__init__()
         self.alpha = alpha
 
-    def forward(self, model, ids: torch.Tensor, seg: torch.Tensor, ib: bool = True) -> dict[str, torch.Tensor]:
-        hidden = model.hidden(ids, seg, ib=ib)  # [B, T, H]
+    def forward(self, model, ids: torch.Tensor, seg: torch.Tensor, ib: bool = True,
+                packed: bool = False) -> dict[str, torch.Tensor]:
+        hidden = model.hidden(ids, seg, ib=ib, packed=packed)  # [B, T, H]
         return self.from_hidden(hidden, model.lm_head, ids, seg)
 
     def from_hidden(self, hidden, lm_head, ids, seg) -> dict[str, torch.Tensor]:
         nxt_seg, nxt_ids = seg[:, 1:], ids[:, 1:]  # the token each position predicts
         h = hidden[:, :-1]
-        out = {}
+        out = {"head_rows": seg.new_zeros(())}
         has_target = bool((nxt_seg == Y).any())
         for name, segment in (("target_loss", Y), ("input_loss", X)):
             where = nxt_seg == segment  # [B, T-1]
             if not where.any() or (name == "input_loss" and has_target and self.alpha == 0):
                 out[name] = hidden.new_zeros(())
                 continue
+            out["head_rows"] = out["head_rows"] + where.sum()
             logits = lm_head(h[where]).float()  # [N, V]
             out[name] = F.cross_entropy(logits, nxt_ids[where])
         input_weight = self.alpha if has_target else 1.0

@@ -13,10 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lbr_ray.config.schema import BottleneckConfig, ModelConfig
-from lbr_ray.data.tokenize import add_bottleneck_tokens
 from lbr_ray.errors import ConfigError
+from lbr_ray.layout import B, PAD, add_bottleneck_tokens
 from lbr_ray.model.attention import ATTN_IMPLEMENTATION, get_backend
-from lbr_ray.model.masks import B, PAD
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
@@ -99,11 +98,13 @@ class BottleneckLM(nn.Module):
         lm = self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
         return lm.get_output_embeddings()
 
-    def hidden(self, ids: torch.Tensor, seg: torch.Tensor, ib: bool = True) -> torch.Tensor:
-        """Final hidden states [B, T, H] under the IB mask (ib=True) or the plain causal mask."""
-        if not ib:
+    def hidden(self, ids: torch.Tensor, seg: torch.Tensor, ib: bool = True, packed: bool = False) -> torch.Tensor:
+        """Final hidden states [B, T, H] under the IB mask (ib=True) or the plain causal mask. `packed`: rows may
+        hold several units (lbr_ray.layout.pack); the IB mask always keeps documents apart, the plain causal
+        mask does so only when told (it is otherwise the cheaper 2-D padding mask)."""
+        if not ib and not packed:
             return self.decoder(input_ids=ids, attention_mask=(seg != PAD).long(), use_cache=False).last_hidden_state
-        return self._forward(self.decoder, ids, seg, ib=True, sink=self.sink)
+        return self._forward(self.decoder, ids, seg, ib=ib, sink=self.sink)
 
     def embed(self, ids: torch.Tensor, seg: torch.Tensor, pooling: str = "last") -> torch.Tensor:
         """Embedding of `[sink][x][b]` rows with the plain causal mask: L2-normalised b_k (or mean b) state [B, H]."""

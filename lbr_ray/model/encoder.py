@@ -14,9 +14,8 @@ import numpy as np
 import torch
 
 from lbr_ray.config.schema import BottleneckConfig, SplitConfig
-from lbr_ray.data.collate import pad_rows
-from lbr_ray.data.tokenize import SequenceBuilder
 from lbr_ray.errors import CheckpointError
+from lbr_ray.layout import SequenceBuilder, pad_rows
 from lbr_ray.model.bottleneck import DTYPES, BottleneckLM
 
 CARD = "lbr_ray.json"

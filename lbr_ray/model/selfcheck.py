@@ -5,7 +5,9 @@ A transformers upgrade can silently drop a custom mask, so before training we ve
    while bottleneck rows do attend to the input;
 2. the target rows' states differ from a plain causal forward (the mask is not ignored);
 3. the chosen backend matches the dense reference, in eval mode and in a training-mode forward + backward
-   (gradient checkpointing and all, with dropout off so that the two are comparable).
+   (gradient checkpointing and all, with dropout off so that the two are comparable);
+4. for packed rows (several units in one row): no weight crosses a document boundary, and every unit's states
+   equal those of the same unit run alone.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 
 from lbr_ray.errors import MaskLeakError
 from lbr_ray.model.attention.dense import dense_hidden
-from lbr_ray.model.masks import B, PAD, X, Y
+from lbr_ray.layout import B, PAD, SINK, X, Y, documents
 
 SELF_CHECK_TEXTS = [
     "Aspirin irreversibly inhibits cyclooxygenase and reduces platelet aggregation.",
@@ -55,17 +57,23 @@ def check_mask(model, ids: torch.Tensor, seg: torch.Tensor, rtol: float | None =
         y_rows = (seg == Y)[:, None, :, None]
         x_cols = (seg == X)[:, None, None, :]
         b_rows = (seg == B)[:, None, :, None]
-        leak, b_to_x = 0.0, float("inf")
+        doc = documents(seg)
+        other_doc = (doc[:, :, None] != doc[:, None, :])[:, None]
+        packed = bool(((seg == SINK).sum(1) > 1).any())
+        leak, cross, b_to_x = 0.0, 0.0, float("inf")
         for layer, w in enumerate(attention_weights(model, ids, seg)):
             leak = max(leak, float((w * (y_rows & x_cols)).abs().max()))
+            cross = max(cross, float((w * other_doc).abs().max()))
             b_to_x = min(b_to_x, float((w * (b_rows & x_cols)).sum(-1).amax()))
         if leak != 0.0:
             raise MaskLeakError(f"target tokens attend to input tokens (max weight {leak:.3g}): the IB mask leaks")
+        if cross != 0.0:
+            raise MaskLeakError(f"tokens attend across packed documents (max weight {cross:.3g}): packing leaks")
         if not b_to_x > 0:
             raise MaskLeakError("bottleneck tokens do not attend to the input: the mask blocks too much")
         valid = seg != PAD
         ref = dense_hidden(model.decoder, ids, seg, ib=True, sink=model.sink)
-        causal = model.hidden(ids, seg, ib=False)
+        causal = model.hidden(ids, seg, ib=False, packed=packed)
         masked_effect = float((ref - causal)[seg == Y].abs().max())
         if masked_effect == 0.0:
             raise MaskLeakError("the custom mask is ignored: IB and plain causal forwards give the same targets")
@@ -75,9 +83,12 @@ def check_mask(model, ids: torch.Tensor, seg: torch.Tensor, rtol: float | None =
         if diff > rtol:
             raise MaskLeakError(f"backend {model.backend!r} differs from the dense reference by {diff:.3g} "
                                 f"(relative) > {rtol}")
-        grad_diff = check_training_path(model, ids, seg, rtol)
-        return {"y_to_x_weight": leak, "backend_rel_diff": diff, "mask_effect": masked_effect,
-                "backend_grad_rel_diff": grad_diff}
+        result = {"y_to_x_weight": leak, "backend_rel_diff": diff, "mask_effect": masked_effect,
+                  "backend_grad_rel_diff": check_training_path(model, ids, seg, rtol)}
+        if packed:
+            result["cross_doc_weight"] = cross
+            result["packed_rel_diff"] = _check_packed(model, ids, seg, doc, rtol)
+        return result
     finally:
         model.train(was_training)
 
@@ -129,3 +140,18 @@ def check_training_path(model, ids: torch.Tensor, seg: torch.Tensor, rtol: float
         raise MaskLeakError(f"backend {model.backend!r} gradients differ from the dense reference by {grad_diff:.3g} "
                             f"(relative L2) > {limit}")
     return grad_diff
+
+
+def _check_packed(model, ids: torch.Tensor, seg: torch.Tensor, doc: torch.Tensor, rtol: float) -> float:
+    """Every unit of a packed row, run alone, gives the states it gets inside the packed row."""
+    worst = 0.0
+    packed_hidden = model.hidden(ids, seg)
+    for r in range(ids.shape[0]):
+        for d in doc[r][seg[r] != PAD].unique():
+            where = (doc[r] == d) & (seg[r] != PAD)
+            alone = model.hidden(ids[r][where][None], seg[r][where][None])[0]
+            ref = packed_hidden[r][where]
+            worst = max(worst, float((alone - ref).abs().max() / ref.abs().max()))
+    if worst > rtol:
+        raise MaskLeakError(f"a packed unit differs from the same unit alone by {worst:.3g} (relative) > {rtol}")
+    return worst

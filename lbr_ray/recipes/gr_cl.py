@@ -9,9 +9,10 @@ from torch import nn
 
 from lbr_ray.losses import IBGenerativeLoss, InfoNCELoss
 from lbr_ray.model.encoder import Encoder
-from lbr_ray.model.masks import PAD
+from lbr_ray.layout import PAD
 from lbr_ray.recipes.setup import build_model
 from lbr_ray.train.deepspeed import initialize
+from lbr_ray.train.flops import FlopCounter
 from lbr_ray.train.loop import train_loop
 from lbr_ray.train.telemetry import embedding_stats
 from lbr_ray.train.worker import WorkerRun
@@ -26,6 +27,7 @@ class GRCLObjective(nn.Module):
         self.model, self.pooling, self.hard = model, cfg.bottleneck.pooling, g.hard_negatives
         self.nce = InfoNCELoss(g.temperature, symmetric=g.symmetric, gather=g.gather)
         self.gen_weight, self.gen = g.gen_weight, IBGenerativeLoss(cfg.ib_gl.alpha)
+        self.counter = FlopCounter(model)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         embed = lambda p: self.model.embed(batch[f"{p}_ids"], batch[f"{p}_seg"], self.pooling)  # noqa: E731
@@ -38,9 +40,14 @@ class GRCLObjective(nn.Module):
                 keys["n"] = torch.cat([batch[f"n{h}_key"] for h in range(self.hard)])
         nce = self.nce(q, p, negs, keys=keys)
         out = {"loss": nce, "nce_loss": nce.detach()}
+        prefixes = ["q", "p"] + [f"n{h}" for h in range(self.hard)]
+        flops = sum(self.counter.flops(batch[f"{name}_seg"], 0, ib=False) for name in prefixes)
         if self.gen_weight > 0:
-            gen = self.gen(self.model, batch["ib_ids"], batch["ib_seg"])["loss"]
+            gen_out = self.gen(self.model, batch["ib_ids"], batch["ib_seg"])
+            gen = gen_out["loss"]
             out["gen_loss"], out["loss"] = gen.detach(), nce + self.gen_weight * gen
+            flops = flops + self.counter.flops(batch["ib_seg"], gen_out["head_rows"], ib=True)
+        out["flops"] = flops
         stats = embedding_stats(q)
         out["emb_std"], out["emb_mean_cos"] = (torch.tensor(stats[k]) for k in ("emb_std", "emb_mean_cos"))
         out["tokens"] = sum((batch[k] != PAD).sum() for k in batch if k.endswith("_seg"))
@@ -71,8 +78,10 @@ def train_fn(config: dict) -> None:
     run = WorkerRun(config, "gr_cl")
     cfg, st = run.cfg, run.cfg.gr_cl
     model, tok = build_model(cfg, init=config.get("init"))
+    run.mark("model")
     encoder = Encoder(model, tok, cfg.bottleneck, cfg.data.max_input_tokens)
     engine = initialize(GRCLObjective(model, cfg), cfg.deepspeed, st)
+    run.mark("deepspeed")
     state = run.resume(engine)
     dev, last_eval = config.get("dev"), {}
 

@@ -7,10 +7,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lbr_ray.config.load import pack_length
 from lbr_ray.losses import IBGenerativeLoss
-from lbr_ray.model.masks import PAD
+from lbr_ray.layout import PAD
 from lbr_ray.recipes.setup import build_model, self_check
 from lbr_ray.train.deepspeed import initialize
+from lbr_ray.train.flops import FlopCounter
 from lbr_ray.train.loop import train_loop
 from lbr_ray.train.worker import WorkerRun
 
@@ -18,15 +20,17 @@ from lbr_ray.train.worker import WorkerRun
 class IBGLObjective(nn.Module):
     """Wraps model + loss so DeepSpeed's engine runs the whole forward."""
 
-    def __init__(self, model, alpha: float, ib: bool):
+    def __init__(self, model, alpha: float, ib: bool, packed: bool = False):
         super().__init__()
-        self.model, self.loss, self.ib = model, IBGenerativeLoss(alpha), ib
+        self.model, self.loss, self.ib, self.packed = model, IBGenerativeLoss(alpha), ib, packed
+        self.counter = FlopCounter(model)
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         ids, seg = batch["ib_ids"], batch["ib_seg"]
-        out = self.loss(self.model, ids, seg, ib=self.ib)
+        out = self.loss(self.model, ids, seg, ib=self.ib, packed=self.packed)
         return {"loss": out["loss"], "target_loss": out["target_loss"], "input_loss": out["input_loss"],
-                "tokens": (seg != PAD).sum()}
+                "pad_frac": (seg == PAD).float().mean(), "tokens": (seg != PAD).sum(),
+                "flops": self.counter.flops(seg, out["head_rows"], self.ib)}
 
 
 def uses_mask(cfg) -> bool:
@@ -37,12 +41,15 @@ def train_fn(config: dict) -> None:
     run = WorkerRun(config, "ib_gl")
     cfg, st = run.cfg, run.cfg.ib_gl
     model, tok = build_model(cfg, init=config.get("init"))
+    run.mark("model")
     if uses_mask(cfg) and cfg.run.self_check:
         self_check(model, tok, cfg, run.rank)
-    engine = initialize(IBGLObjective(model, st.alpha, uses_mask(cfg)), cfg.deepspeed, st)
+        run.mark("self_check")
+    engine = initialize(IBGLObjective(model, st.alpha, uses_mask(cfg), packed=st.pack), cfg.deepspeed, st)
+    run.mark("deepspeed")
     state = run.resume(engine)
     telemetry = run.telemetry(st.max_steps, state)
-    batches = run.batches(["ib"], st.batch_size, tok.pad_token_id)
+    batches = run.batches(["ib"], st.batch_size, tok.pad_token_id, length=pack_length(cfg))
     try:
         train_loop(engine, batches, st, state, telemetry, run.world,
                    on_log=run.report, on_checkpoint=lambda s: run.checkpoint(engine, model, tok, s))

@@ -21,8 +21,9 @@ from lbr_ray.train.launcher import StageResult, check_output, ensure_ray, print_
 
 def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address: str | None = None,
           t0: float | None = None, match_compute: bool = False,
-          stage2_callbacks: list | None = None) -> dict[str, StageResult]:
-    """Run the requested stage(s) and write <output>/summary.json. `stage2_callbacks` go to the GR-CL trainer."""
+          stage2_callbacks: list | None = None, quiet: bool = False) -> dict[str, StageResult]:
+    """Run the requested stage(s) and write <output>/summary.json. `stage2_callbacks` go to the GR-CL trainer.
+    `quiet`: the console shows lbr's progress, metrics, warnings and errors; the rest goes to log files."""
     t0 = t0 or time.time()
     if stage == "gr-cl" and init is None and cfg.run.variant != "cl":
         raise ConfigError("--stage gr-cl starts from a stage-1 model: pass --init RUN/ib_gl/model (or --variant cl)")
@@ -33,8 +34,11 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
     for name in (["ib_gl"] if stage in ("ib-gl", "all") and cfg.run.variant != "cl" else []) + \
             (["gr_cl"] if stage in ("gr-cl", "all") else []):
         check_output(cfg, name)
-    ensure_ray(cfg, address)
+    startup = {"preflight": time.time() - t0}  # driver milestones, seconds since the command started
+    ensure_ray(cfg, address, quiet)
+    startup["ray"] = time.time() - t0
     summary = ray_data.summarize(cfg)  # streams once: file:line errors or counted skips, split sizes
+    startup["data_summary"] = time.time() - t0
     for line in summary.lines():
         print(f"[lbr] data: {line}", flush=True)
     results: dict[str, StageResult] = {}
@@ -42,17 +46,18 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
         from lbr_ray.recipes import ib_gl
 
         ds = {"train": ray_data.stage1_dataset(cfg, summary.heldout_keys)}
-        results["ib_gl"] = run_stage(cfg, "ib_gl", ib_gl.train_fn, ds, t0=t0)
+        results["ib_gl"] = run_stage(cfg, "ib_gl", ib_gl.train_fn, ds, t0=t0, quiet=quiet)
         _print_stage(results["ib_gl"])
         init = str(results["ib_gl"].model_dir)
     if stage in ("gr-cl", "all"):
-        results["gr_cl"] = _run_gr_cl(cfg, init, t0, match_compute, stage2_callbacks, summary.heldout_keys)
-    _write_summary(cfg, summary, results, time.time() - t0)
+        results["gr_cl"] = _run_gr_cl(cfg, init, t0, match_compute, stage2_callbacks, quiet, summary.heldout_keys)
+    _write_summary(cfg, summary, results, time.time() - t0, startup)
     return results
 
 
 def _run_gr_cl(cfg: LbrConfig, init: str | None, t0: float, match_compute: bool,
-               callbacks: list | None = None, heldout_keys: set[str] = frozenset()) -> StageResult:
+               callbacks: list | None = None, quiet: bool = False,
+               heldout_keys: set[str] = frozenset()) -> StageResult:
     from lbr_ray.eval.sets import build_eval_set_from_files
     from lbr_ray.recipes import gr_cl
     from lbr_ray.train.checkpoint import hf_dir
@@ -68,7 +73,7 @@ def _run_gr_cl(cfg: LbrConfig, init: str | None, t0: float, match_compute: bool,
     dev_payload = {"queries": dev.queries, "docs": dev.doc_texts, "qrels": [q.tolist() for q in dev.qrels]}
     ds = {"train": ray_data.stage2_dataset(cfg, init or cfg.model.name, heldout_keys)}
     res = run_stage(cfg, "gr_cl", gr_cl.train_fn, ds, init=init, extra={"dev": dev_payload}, t0=t0,
-                    callbacks=callbacks)
+                    callbacks=callbacks, quiet=quiet)
     _print_stage(res)
     devs = [m for m in res.metrics if "dev_recall@10" in m]
     if devs:
@@ -148,11 +153,12 @@ def _print_stage(res: StageResult) -> None:
     print(f"[lbr] {res.stage} done in {res.wall_s:.1f}s: {figures}; model: {res.model_dir}", flush=True)
 
 
-def _write_summary(cfg: LbrConfig, data, results: dict[str, StageResult], wall_s: float) -> None:
+def _write_summary(cfg: LbrConfig, data, results: dict[str, StageResult], wall_s: float,
+                   startup: dict | None = None) -> None:
     out = Path(cfg.run.output).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     dev = {k: [m for m in r.metrics if "dev_recall@10" in m] for k, r in results.items()}
-    doc = {"variant": cfg.run.variant, "wall_s": wall_s,
+    doc = {"variant": cfg.run.variant, "wall_s": wall_s, "startup_driver_s": startup or {},
            "data": {"pairs_by_split": dict(data.pairs_by_split), "corpus": data.corpus,
                     "bad_records": data.bad, "bad_by_file": dict(data.bad_by_file),
                     "bad_examples": data.bad_examples},

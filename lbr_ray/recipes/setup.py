@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
-from lbr_ray.data.collate import pad_rows
-from lbr_ray.data.tokenize import SequenceBuilder
+from lbr_ray.layout import SequenceBuilder, pack, pad_rows
 from lbr_ray.model.bottleneck import BottleneckLM
 from lbr_ray.model.selfcheck import SELF_CHECK_TEXTS, check_mask
+
+log = logging.getLogger("lbr_ray")
 
 
 def build_model(cfg, init: str | None = None):
@@ -24,9 +26,12 @@ def self_check(model, tok, cfg, rank: int = 0) -> dict:
     """Stop the run (MaskLeakError) if the mask leaks or the backend disagrees with the dense reference."""
     builder = SequenceBuilder(tok, cfg.bottleneck, cfg.data.max_input_tokens, cfg.data.max_target_tokens)
     rows = builder.stage1_rows(SELF_CHECK_TEXTS, "continuation", ib=True)
+    if cfg.ib_gl.pack:  # one packed row holding every unit, plus the units alone
+        rows = pack(rows, sum(len(r[0]) for r in rows)) + rows
     ids, seg = pad_rows([r[0] for r in rows], [r[1] for r in rows], tok.pad_token_id)
     device = next(model.parameters()).device
     result = check_mask(model, ids.to(device), seg.to(device))
     if rank == 0:
-        print(f"[lbr] mask self-check passed ({model.backend}): {result}", flush=True)
+        log.info("mask self-check passed (%s%s): %s", model.backend, ", packed rows" if cfg.ib_gl.pack else "",
+                 {k: float(f"{v:.3g}") for k, v in result.items()})
     return result

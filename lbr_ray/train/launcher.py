@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig
 from ray.train.v2.api.callback import UserCallback
 
 from lbr_ray.config import LbrConfig, save_config, to_dict, to_yaml
@@ -20,25 +20,35 @@ from lbr_ray.errors import CheckpointError, ConfigError, LbrError, find_lbr_erro
 log = logging.getLogger("lbr_ray")
 
 
-def ensure_ray(cfg: LbrConfig, address: str | None = None) -> None:
+def ensure_ray(cfg: LbrConfig, address: str | None = None, quiet: bool = False) -> None:
     """Connect to `address`, or start an embedded local Ray sized for the run (logical CPUs may exceed the
-    physical ones so Ray Data's tokenizer actors and the Train workers can share a small machine)."""
+    physical ones so Ray Data's tokenizer actors and the Train workers can share a small machine).
+    `quiet`: Ray's output goes to the run's log files (lbr_ray.train.console), not to the console."""
     if not ray.is_initialized():
-        _init_ray(cfg, address)
+        _init_ray(cfg, address, quiet)
+        if quiet:
+            from lbr_ray.train import console
+
+            logs = console.quiet_driver(Path(cfg.run.output).expanduser().resolve())
+            session = console.link_ray_logs(logs) if not (address or os.environ.get("RAY_ADDRESS")) else None
+            where = f"{logs}/driver.log" + (f", {logs}/ray -> {session}" if session else "")
+            print(f"[lbr] Ray's own output goes to the log files ({where}; workers: <stage>/logs/); "
+                  "--verbose shows it here", flush=True)
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True  # same files + seed -> same stream (resume skips batches)
     ctx.enable_progress_bars = False
 
 
-def _init_ray(cfg: LbrConfig, address: str | None) -> None:
+def _init_ray(cfg: LbrConfig, address: str | None, quiet: bool = False) -> None:
     address = address or os.environ.get("RAY_ADDRESS")  # inside a Ray job: the job's cluster
+    level = logging.ERROR if quiet else logging.WARNING  # quiet: console.quiet_driver sends the rest to a file
     if address:  # the workers pick their DeepSpeed accelerator themselves (train.worker.WorkerRun)
-        ray.init(address=address, log_to_driver=True, logging_level=logging.WARNING)
+        ray.init(address=address, log_to_driver=not quiet, logging_level=level)
     else:
         env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}} if not cfg.scaling.use_gpu else {}
         need = int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 2
         ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, runtime_env=env or None,
-                 logging_level=logging.WARNING, log_to_driver=True)
+                 logging_level=level, log_to_driver=not quiet)
 
 
 class MetricsLog(UserCallback):
@@ -85,26 +95,36 @@ def prepare_stage_dir(cfg: LbrConfig, stage: str) -> Path:
 
 
 def run_stage(cfg: LbrConfig, stage: str, train_fn, datasets: dict, init: str | None = None,
-              extra: dict | None = None, t0: float | None = None, callbacks: list | None = None) -> StageResult:
+              extra: dict | None = None, t0: float | None = None, callbacks: list | None = None,
+              quiet: bool = False) -> StageResult:
     """Run one stage as a TorchTrainer; returns the final HF model folder and the logged metrics.
-    `callbacks` are added to the trainer's RunConfig (e.g. ray.tune's TuneReportCallback inside a Tune trial)."""
+    `callbacks` are added to the trainer's RunConfig (e.g. ray.tune's TuneReportCallback inside a Tune trial).
+    `quiet`: workers write to <stage>/logs/ and <stage>/console.log, whose lines the driver prints."""
+    from lbr_ray.train.console import CONSOLE_LOG, Follow
+    from lbr_ray.train.pg_cleaner import LbrTorchTrainer
+
     stage_dir = prepare_stage_dir(cfg, stage)
     start = time.time()
-    trainer = TorchTrainer(
+    trainer = LbrTorchTrainer(
         train_fn,
         train_loop_config={"cfg": to_dict(cfg), "t0": t0 or start, "stage_dir": str(stage_dir), "init": init,
-                           **(extra or {})},
+                           "quiet": quiet, **(extra or {})},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
         run_config=RunConfig(name=stage, storage_path=str(stage_dir.parent),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=0),
+                             logging_config=LoggingConfig(log_level="WARNING") if quiet else None,
                              callbacks=[MetricsLog(stage_dir / "metrics.jsonl"), *(callbacks or [])]),
         datasets=datasets,
     )
     try:
-        result = trainer.fit()
+        if quiet:
+            with Follow(stage_dir / CONSOLE_LOG):
+                result = trainer.fit()
+        else:
+            result = trainer.fit()
     except Exception as exc:  # noqa: BLE001 - surface the LbrError behind Ray's wrappers
         err = find_lbr_error(exc)
         if err is not None:

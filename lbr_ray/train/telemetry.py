@@ -1,4 +1,5 @@
-"""Step metrics (loss, lr, tokens/s, step time), console progress, TensorBoard, collapse monitor (no Ray)."""
+"""Step metrics (loss, lr, tokens/s, TFLOP/s and MFU, step time), console progress, TensorBoard, collapse monitor
+(no Ray)."""
 from __future__ import annotations
 
 import logging
@@ -24,23 +25,33 @@ class Telemetry:
     """Accumulates per-step values without syncing; `flush` averages over the window (and over ranks)."""
 
     def __init__(self, stage: str, max_steps: int, rank: int, tb_dir: Path | None, start_step: int = 0,
-                 t0: float | None = None):
+                 t0: float | None = None, bar: bool = True, peak_flops: float | None = None,
+                 marks: dict[str, float] | None = None):
         self.stage, self.rank, self.t0 = stage, rank, t0
         self.first_step_s: float | None = None  # seconds from the command's start to the first finished step
         self.sums: dict[str, torch.Tensor] = {}
         self.count, self.tokens = 0, 0
+        self.flops: torch.Tensor | None = None  # model FLOPs of the window (lbr_ray.train.flops), summed
+        self.peak_flops = peak_flops  # one device's peak FLOP/s, for MFU
+        self.marks = marks  # start-up milestones (seconds since t0), reported once with the first metrics
         self.t_window = time.perf_counter()
         self.bar = self.writer = None
+        self.max_steps = max_steps
         if rank == 0:
-            from tqdm import tqdm
+            if bar:  # quiet runs: the driver prints the metric lines instead (train.console)
+                from tqdm import tqdm
 
-            self.bar = tqdm(total=max_steps, initial=start_step, desc=stage, dynamic_ncols=True, mininterval=1.0)
+                self.bar = tqdm(total=max_steps, initial=start_step, desc=stage, dynamic_ncols=True, mininterval=1.0)
             if tb_dir is not None:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.writer = SummaryWriter(str(tb_dir))
 
     def add(self, values: dict[str, torch.Tensor], tokens: int) -> None:
+        flops = values.pop("flops", None)
+        if flops is not None:
+            flops = flops.detach().double()
+            self.flops = flops if self.flops is None else self.flops + flops
         for k, v in values.items():
             v = v.detach().float()
             self.sums[k] = self.sums[k] + v if k in self.sums else v
@@ -51,17 +62,28 @@ class Telemetry:
 
     def flush(self, step: int, lr: float, world: int) -> dict[str, float]:
         keys = sorted(self.sums)
-        vec = torch.stack([self.sums[k] for k in keys] + [torch.tensor(float(self.tokens))]).cpu()
+        flops = self.flops if self.flops is not None else torch.zeros((), dtype=torch.float64)
+        vec = torch.stack([self.sums[k].double().cpu() for k in keys]
+                          + [torch.tensor(float(self.tokens), dtype=torch.float64), flops.cpu()])
+        ranks = 1
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(vec)  # one sync per log step: sum over ranks
-            vec[:-1] /= dist.get_world_size()
+            ranks = dist.get_world_size()
+            vec[:-2] /= ranks
         elapsed = time.perf_counter() - self.t_window
         metrics = {k: float(vec[i]) / max(1, self.count) for i, k in enumerate(keys)}
-        metrics.update(step=step, lr=lr, tokens_per_s=float(vec[-1]) / elapsed,
+        metrics.update(step=step, lr=lr, tokens_per_s=float(vec[-2]) / elapsed,
                        step_time_s=elapsed / max(1, self.count), steps_per_s=self.count / elapsed)
+        if self.flops is not None:  # per device: the ranks' FLOPs summed, over the ranks
+            metrics["tflops"] = float(vec[-1]) / ranks / elapsed / 1e12
+            if self.peak_flops:
+                metrics["mfu"] = metrics["tflops"] * 1e12 / self.peak_flops
         if self.first_step_s is not None:
             metrics["first_step_s"] = self.first_step_s
-        self.sums, self.count, self.tokens, self.t_window = {}, 0, 0, time.perf_counter()
+        if self.marks:
+            metrics.update({f"startup_{k}_s": v for k, v in self.marks.items()})
+            self.marks = None
+        self.sums, self.count, self.tokens, self.flops, self.t_window = {}, 0, 0, None, time.perf_counter()
         return metrics
 
     def show(self, metrics: dict[str, float]) -> None:
@@ -70,9 +92,10 @@ class Telemetry:
         step = int(metrics["step"])
         if self.bar is not None:
             self.bar.n = step
-            self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "tokens_per_s")})
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "tokens_per_s", "mfu")})
             self.bar.refresh()
-        log.info("%s step %d %s", self.stage, step, " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step"))
+        log.info("%s step %d/%d %s", self.stage, step, self.max_steps,
+                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step"))
         if self.writer is not None:
             for k, v in metrics.items():
                 if k != "step":

@@ -1,18 +1,23 @@
 """Per-worker Ray Train plumbing shared by the stage recipes: rank, dataset shard, report, checkpoint, resume."""
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import ray.train
 import torch
 
 from lbr_ray.config import config_from_dict
-from lbr_ray.data.collate import collate_columns
+from lbr_ray.layout import collate_columns
 from lbr_ray.train import checkpoint as ckpt
 from lbr_ray.train.checkpoint import LoopState
+from lbr_ray.train.console import worker_console
 from lbr_ray.train.telemetry import Telemetry
+
+log = logging.getLogger("lbr_ray")
 
 try:
     from ray.data.collate_fn import NumpyBatchCollateFn
@@ -22,11 +27,11 @@ except ImportError:  # older Ray: plain callables
 class PadCollate(NumpyBatchCollateFn):
     """Pads `<prefix>_ids/_seg` columns of a numpy batch into tensors (runs in the iterator's thread)."""
 
-    def __init__(self, prefixes: list[str], pad_id: int):
-        self.prefixes, self.pad_id = prefixes, pad_id
+    def __init__(self, prefixes: list[str], pad_id: int, length: int | None = None):
+        self.prefixes, self.pad_id, self.length = prefixes, pad_id, length
 
     def __call__(self, batch):
-        return collate_columns(batch, self.prefixes, self.pad_id)
+        return collate_columns(batch, self.prefixes, self.pad_id, self.length)
 
 
 class WorkerRun:
@@ -38,23 +43,43 @@ class WorkerRun:
         self.stage_dir = Path(config["stage_dir"])
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.quiet = bool(config.get("quiet", False))
+        self.marks: dict[str, float] = {}  # start-up milestones, seconds since the command started (t0)
+        self.mark("worker_start")
+        worker_console(self.stage_dir, self.rank, self.quiet)
         torch.manual_seed(self.cfg.run.seed)
 
-    def batches(self, prefixes: list[str], batch_size: int, pad_id: int, name: str = "train"):
-        """`epoch -> batches` of padded tensors, already on this worker's device (Ray's device="auto")."""
+    def batches(self, prefixes: list[str], batch_size: int, pad_id: int, name: str = "train",
+                length: int | None = None):
+        """`epoch -> batches` of padded tensors (to `length` when given, e.g. packed rows), already on this
+        worker's device (Ray's device="auto")."""
         shard = ray.train.get_dataset_shard(name)
-        collate = PadCollate(prefixes, pad_id)
+        collate = PadCollate(prefixes, pad_id, length)
 
         def epoch_batches(epoch: int):
-            return shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=True,
-                                            local_shuffle_buffer_size=4 * batch_size,
-                                            local_shuffle_seed=self.cfg.run.seed + epoch)
+            it = shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=True,
+                                          local_shuffle_buffer_size=4 * batch_size,
+                                          local_shuffle_seed=self.cfg.run.seed + epoch)
+            for batch in it:
+                if "first_batch" not in self.marks:
+                    self.mark("first_batch")
+                yield batch
 
         return epoch_batches
 
+    def mark(self, name: str) -> None:
+        """Record a start-up milestone; the first logged metrics carry them as `startup_<name>_s`."""
+        if self.t0 is not None:
+            self.marks[name] = time.time() - self.t0
+
     def telemetry(self, max_steps: int, state: LoopState) -> Telemetry:
         tb = self.stage_dir / "tensorboard" if self.cfg.run.tensorboard else None
-        return Telemetry(self.stage, max_steps, self.rank, tb, state.step, self.t0)
+        from lbr_ray.model.bottleneck import DTYPES
+        from lbr_ray.train.flops import device_peak_flops
+
+        peak = device_peak_flops(None, DTYPES[self.cfg.model.dtype], self.cfg.scaling.peak_tflops)
+        return Telemetry(self.stage, max_steps, self.rank, tb, state.step, self.t0, bar=not self.quiet,
+                         peak_flops=peak, marks=self.marks)
 
     def report(self, metrics: dict) -> None:
         ray.train.report(metrics)
@@ -73,5 +98,5 @@ class WorkerRun:
             state = ckpt.load(engine, Path(d), self.rank)
         ray.train.report({"resumed_at_step": state.step})  # marks the restart in metrics.jsonl
         if self.rank == 0:
-            print(f"[lbr] {self.stage}: resumed from {checkpoint.path} at step {state.step}", flush=True)
+            log.info("%s: resumed from %s at step %d", self.stage, checkpoint.path, state.step)
         return state

@@ -81,9 +81,9 @@ def long_texts(n_tokens: int) -> list[str]:
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_trains_as_configured_and_every_embedding_path_agrees(name, runs, tmp_path):
-    from lbr_ray.data.collate import collate_columns
+    from lbr_ray.layout import collate_columns
     from lbr_ray.data.ray_data import TokenizeStage2
-    from lbr_ray.data.tokenize import num_bottleneck
+    from lbr_ray.layout import num_bottleneck
     from lbr_ray.eval.encode import load_encoder
     from lbr_ray.model.encoder import Encoder
     from lbr_ray.recipes.setup import build_model

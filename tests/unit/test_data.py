@@ -9,9 +9,8 @@ import pytest
 from lbr_ray.config.schema import BottleneckConfig, SplitConfig
 from lbr_ray.data.readers import BadRecords, read_all, resolve_paths
 from lbr_ray.data.split import bucket, split_of
-from lbr_ray.data.tokenize import SequenceBuilder, num_bottleneck
 from lbr_ray.errors import DataError
-from lbr_ray.model.masks import B, SINK, X, Y
+from lbr_ray.layout import B, SINK, X, Y, SequenceBuilder, num_bottleneck
 
 
 def write_pairs(path, n=30, broken: dict[int, str] | None = None, gz=False):

@@ -73,3 +73,20 @@ def test_dimension_mismatch():
     docs, q = _data(n=50)
     with pytest.raises(Exception, match="embedding size mismatch"):
         search_shards(_parts(docs, [50]), q[:, :16], 5, num_workers=0)
+
+
+def test_auto_search_params_reach_the_recall_target_cheapest_first():
+    from lbr_ray.eval.index import ShardedIndex, auto_spec, search_param_candidates, tune_search_params
+
+    pytest.importorskip("faiss")
+    docs, q = _data(n=3000, d=32, q=200, seed=1)
+    exact = retrieve_exact(q, docs, 10)[1]
+    with ShardedIndex([(docs, np.arange(len(docs)))], "IVF64,Flat", "", num_workers=0) as index:
+        params, trace = tune_search_params(index, q, exact, "IVF64,Flat")
+        assert trace[-1]["params"] == params and trace[-1]["recall@10"] >= 0.99
+        assert all(t["recall@10"] < 0.99 for t in trace[:-1]) and len(trace) > 1  # nprobe=1 is not enough here
+        index.set_params(params)
+        assert ann_recall(index.search(q, 10)[1], exact, 10) >= 0.99
+    assert search_param_candidates("IVF64,Flat")[-1] == "nprobe=64"
+    assert search_param_candidates("HNSW32")[0] == "efSearch=16"
+    assert auto_spec(1000) == "Flat" and auto_spec(100_000) == "IVF1024,Flat"

@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from lbr_ray.losses import IBGenerativeLoss, InfoNCELoss
-from lbr_ray.model.masks import B, PAD, SINK, X, Y
+from lbr_ray.layout import B, PAD, SINK, X, Y
 
 
 def test_ib_loss_is_cross_entropy_on_target_tokens_only():

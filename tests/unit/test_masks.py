@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from lbr_ray.config.schema import BottleneckConfig, ModelConfig
-from lbr_ray.data.collate import pad_rows
-from lbr_ray.data.tokenize import SequenceBuilder
+from lbr_ray.layout import B, PAD, SINK, X, Y, SequenceBuilder, pad_rows
 from lbr_ray.model.bottleneck import BottleneckLM
-from lbr_ray.model.masks import B, PAD, SINK, X, Y, visibility
+from lbr_ray.model.masks import visibility
 from lbr_ray.model.selfcheck import attention_weights, check_mask
 from lbr_ray.errors import MaskLeakError
 

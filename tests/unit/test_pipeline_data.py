@@ -7,7 +7,7 @@ from lbr_ray.config import load_config, to_dict
 from lbr_ray.data import ray_data
 from lbr_ray.data.readers import read_all
 from lbr_ray.data.split import split_of, text_key
-from lbr_ray.data.tokenize import SequenceBuilder
+from lbr_ray.layout import SequenceBuilder
 from lbr_ray.model.bottleneck import load_tokenizer
 from lbr_ray.recipes.pipeline import mean_row_tokens
 
@@ -55,7 +55,7 @@ def test_match_compute_measures_the_rows_stage_1_builds():
 
 def test_stage_2_rows_carry_text_keys_to_the_loss():
     """Duplicate positives get equal keys, which collate hands to InfoNCE (which masks them as negatives)."""
-    from lbr_ray.data.collate import collate_columns
+    from lbr_ray.layout import collate_columns
 
     cfg = load_config("configs/demo.yaml")
     udf = ray_data.TokenizeStage2(to_dict(cfg), cfg.model.name)

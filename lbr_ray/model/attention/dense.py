@@ -1,14 +1,8 @@
 """Reference backend: the full visibility matrix as a 4-D additive mask."""
 from __future__ import annotations
 
-import torch
-
+from lbr_ray.layout import positions
 from lbr_ray.model.masks import dense_mask
-
-
-def positions(seg: torch.Tensor) -> torch.Tensor:
-    """Contiguous position ids [B, T] (rows are right-padded, so 0..T-1)."""
-    return torch.arange(seg.shape[1], device=seg.device).expand_as(seg)
 
 
 def dense_hidden(decoder, ids, seg, ib: bool = True, sink: bool = True, output_attentions: bool = False):

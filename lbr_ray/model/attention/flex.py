@@ -1,7 +1,7 @@
 """FlexAttention backend: the same rule as a BlockMask (model loaded with attn_implementation="flex_attention")."""
 from __future__ import annotations
 
-from lbr_ray.model.attention.dense import positions
+from lbr_ray.layout import positions
 from lbr_ray.model.masks import flex_block_mask
 
 

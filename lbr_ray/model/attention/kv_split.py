@@ -10,7 +10,7 @@ import inspect
 import torch
 from transformers import DynamicCache
 
-from lbr_ray.model.masks import B, PAD, SINK, Y
+from lbr_ray.layout import B, PAD, SINK, Y
 
 
 def _kept_index(seg: torch.Tensor, sink: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,6 +28,9 @@ def kv_split_hidden(decoder, ids, seg, ib: bool = True, sink: bool = True):
         from lbr_ray.model.attention.dense import dense_hidden
 
         return dense_hidden(decoder, ids, seg, ib, sink)
+    if bool(((seg == SINK).sum(1) > 1).any()):
+        raise ValueError("kv_split cannot run packed rows (several units in one row); use attn_backend dense or "
+                         "flex, or ib_gl.pack: false")
     prefix = (seg != PAD) & (seg != Y)  # [B, T]
     plen = prefix.sum(1)  # [B] = 1 + n + k
     t1 = int(plen.max())

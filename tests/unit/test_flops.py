@@ -1,0 +1,76 @@
+"""MFU arithmetic (lbr_ray.train.flops) on a hand-computed case, the pair count against the dense mask, and the
+telemetry's TFLOP/s and MFU."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from lbr_ray.layout import B, PAD, SINK, X, Y
+from lbr_ray.model.masks import visibility
+from lbr_ray.train.flops import FlopCounter, attention_pairs, cpu_peak_flops, device_peak_flops
+from lbr_ray.train.telemetry import Telemetry
+
+
+def test_attention_pairs_hand_computed():
+    seg = torch.tensor([[SINK, X, X, B, Y, Y, PAD]])
+    # sink 1, x1 2, x2 3, b 4 (causal); y1 sees sink, b, itself = 3; y2 sees sink, b, y1, itself = 4
+    assert int(attention_pairs(seg)) == 1 + 2 + 3 + 4 + 3 + 4
+    assert int(attention_pairs(seg, sink=False)) == 17 - 2
+    assert int(attention_pairs(seg, ib=False)) == 1 + 2 + 3 + 4 + 5 + 6
+    packed = torch.tensor([[SINK, X, B, Y, SINK, X, X, B, Y, Y, PAD, PAD]])  # two units: 1+2+3+3 and 17
+    assert int(attention_pairs(packed)) == 9 + 17
+
+
+@pytest.mark.parametrize("ib,sink", [(True, True), (True, False), (False, True)])
+def test_attention_pairs_equal_the_dense_mask(ib, sink):
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for _ in range(6):
+        row = []
+        while len(row) < 40:
+            n, k, m = (int(v) for v in torch.randint(1, 6, (3,), generator=g))
+            row += [SINK] + [X] * n + [B] * k + [Y] * m
+        rows.append(row[:40] + [PAD] * int(torch.randint(0, 5, (1,), generator=g)))
+    width = max(map(len, rows))
+    seg = torch.tensor([r + [PAD] * (width - len(r)) for r in rows])
+    allow = visibility(seg, ib=ib, sink=sink) & (seg != PAD)[:, :, None]
+    assert int(attention_pairs(seg, ib=ib, sink=sink)) == int(allow.sum())
+
+
+def _toy_model(layers=2, heads=2, head_dim=4, hidden=8, vocab=10):
+    """A stand-in with the attributes FlopCounter reads: 100 body weights + a 10x8 embedding, a 10x8 head."""
+    cfg = types.SimpleNamespace(num_attention_heads=heads, head_dim=head_dim, hidden_size=hidden,
+                                num_hidden_layers=layers)
+    emb = torch.nn.Embedding(vocab, hidden)
+    decoder = torch.nn.Module()
+    decoder.emb, decoder.body = emb, torch.nn.Linear(10, 10)  # 100 + 10 bias = 110 body parameters
+    decoder.get_input_embeddings = lambda: emb
+    lm = types.SimpleNamespace(config=cfg)
+    return types.SimpleNamespace(lm=lm, decoder=decoder, lm_head=torch.nn.Linear(hidden, vocab, bias=False), sink=True)
+
+
+def test_training_flops_hand_computed():
+    counter = FlopCounter(_toy_model())
+    assert (counter.n_body, counter.n_head, counter.layers, counter.d_attn) == (110, 80, 2, 8)
+    seg = torch.tensor([[SINK, X, X, B, Y, Y, PAD]])
+    # 6 tokens x 6 x 110 + 2 scored rows x 6 x 80 + 17 pairs x 12 x 2 layers x 8
+    assert float(counter.flops(seg, torch.tensor(2), ib=True)) == 6 * 6 * 110 + 2 * 6 * 80 + 17 * 12 * 2 * 8
+
+
+def test_telemetry_reports_tflops_and_mfu(monkeypatch):
+    clock = iter([100.0, 102.0, 102.0])  # the window starts at 100 s and is flushed at 102 s
+    monkeypatch.setattr("lbr_ray.train.telemetry.time.perf_counter", lambda: next(clock))
+    tel = Telemetry("ib_gl", 10, rank=1, tb_dir=None, peak_flops=4e12)
+    for _ in range(2):
+        tel.add({"loss": torch.tensor(1.0), "flops": torch.tensor(2e12, dtype=torch.float64)}, tokens=100)
+    m = tel.flush(step=2, lr=1e-3, world=1)
+    assert m["tflops"] == pytest.approx(2.0)  # 4e12 FLOPs in 2 s
+    assert m["mfu"] == pytest.approx(0.5) and m["tokens_per_s"] == pytest.approx(100.0)
+
+
+def test_device_peak():
+    assert device_peak_flops("cpu", override_tflops=2.5) == 2.5e12
+    peak = cpu_peak_flops(2)
+    assert peak is None or 1e9 < peak < 1e13  # 2 cores: GFLOP/s to a few TFLOP/s

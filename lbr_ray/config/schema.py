@@ -43,6 +43,7 @@ class DataConfig:
     on_bad_record: str = "error"  # error | skip (skipped records are counted in the run summary)
     types: tuple[str, ...] = ()  # keep only these pair types (empty = all)
     split: SplitConfig = field(default_factory=SplitConfig)
+    max_record_bytes: int = 8 << 20  # a longer line is a bad record (a file that is not JSON lines, a runaway field)
 
 
 @dataclass(frozen=True)

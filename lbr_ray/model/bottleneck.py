@@ -39,7 +39,10 @@ def load_tokenizer(name: str, k_max: int):
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.name: cannot load a tokenizer from {name!r} ({str(e).splitlines()[0]})") from None
     if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+        if tok.eos_token is None:
+            raise ConfigError(f"model.name: the tokenizer of {name!r} has no pad token and no EOS token to pad "
+                              "with; set pad_token in its tokenizer_config.json")
+        tok.pad_token = tok.eos_token  # the usual choice for decoder-only LMs; padded positions are masked out
     add_bottleneck_tokens(tok, k_max)
     return tok
 

@@ -14,6 +14,7 @@ from lbr_ray.config import LbrConfig, replace
 from lbr_ray.config.schema import STAGES
 from lbr_ray.data import ray_data
 from lbr_ray.errors import ConfigError
+from lbr_ray.recipes.preflight import preflight
 from lbr_ray.train.launcher import StageResult, check_output, ensure_ray, print_config, run_stage
 
 
@@ -27,14 +28,16 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
     if match_compute and cfg.run.variant != "cl":
         raise ConfigError("--match-compute is for --variant cl (the baseline given the two-stage compute)")
     print_config(cfg)
-    preflight(cfg, init)
-    for name in (["ib_gl"] if stage in ("ib-gl", "all") and cfg.run.variant != "cl" else []) + \
-            (["gr_cl"] if stage in ("gr-cl", "all") else []):
+    stages = (["ib_gl"] if stage in ("ib-gl", "all") and cfg.run.variant != "cl" else []) + \
+        (["gr_cl"] if stage in ("gr-cl", "all") else [])
+    preflight(cfg, init, tuple(stages))
+    for name in stages:
         check_output(cfg, name)
     ensure_ray(cfg, address)
     summary = ray_data.summarize(cfg)  # streams once: file:line errors or counted skips, split sizes
     for line in summary.lines():
         print(f"[lbr] data: {line}", flush=True)
+    summary.require_training_pairs(cfg.data.pairs)
     results: dict[str, StageResult] = {}
     if stage in ("ib-gl", "all") and cfg.run.variant != "cl":
         from lbr_ray.recipes import ib_gl
@@ -95,25 +98,6 @@ def matched_steps(cfg: LbrConfig, sample: int = 512) -> int:
     stage1_tokens = cfg.ib_gl.max_steps * cfg.ib_gl.batch_size * cfg.ib_gl.grad_accum * per_row1
     per_step2 = cfg.gr_cl.batch_size * cfg.gr_cl.grad_accum * per_row2
     return cfg.gr_cl.max_steps + round(stage1_tokens / per_step2)
-
-
-def preflight(cfg: LbrConfig, init: str | None = None) -> None:
-    """Fail in seconds, before Ray starts: data paths exist, the model and tokenizer load, init is a model."""
-    from transformers import AutoConfig
-
-    from lbr_ray.data.readers import resolve_paths
-    from lbr_ray.model.bottleneck import load_tokenizer, resolve_model_path
-    from lbr_ray.train.checkpoint import hf_dir
-
-    resolve_paths(cfg.data.pairs, "pairs")
-    if cfg.data.corpus:
-        resolve_paths(cfg.data.corpus, "corpus")
-    name = str(hf_dir(init)) if init else cfg.model.name
-    load_tokenizer(name, cfg.bottleneck.k_max)
-    try:
-        AutoConfig.from_pretrained(resolve_model_path(name))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.name: cannot load a model config from {name!r} ({str(e).splitlines()[0]})") from None
 
 
 def _print_stage(res: StageResult) -> None:

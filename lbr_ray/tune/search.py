@@ -199,12 +199,14 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 def run_sweep(cfg: LbrConfig, resume: bool = False, address: str | None = None,
               callbacks: list | None = None, t0: float | None = None) -> dict:
     """Run (or resume) the sweep, then write the table, plots, best config and the best trial's test eval."""
+    from lbr_ray.recipes.preflight import preflight
     from lbr_ray.train.launcher import ensure_ray, print_config
     from lbr_ray.tune.analysis import write_outputs
 
     t0 = t0 or time.time()
     sweep = check_sweep_folder(cfg, resume)
     print_config(cfg)
+    preflight(replace(cfg, run={"output": str(sweep)}))  # bad data, model or output: one line, before Ray
     sweep.mkdir(parents=True, exist_ok=True)
     if not resume:
         save_config(cfg, sweep / "sweep_config.yaml")

@@ -1,0 +1,103 @@
+"""Local paths and remote URIs (s3://, gs://) behind one small API, through pyarrow filesystems (no Ray).
+
+    fs, path = filesystem("s3://bucket/runs/demo")     # pyarrow.fs.S3FileSystem, "bucket/runs/demo"
+    with open_binary("s3://bucket/data/pairs.jsonl.gz") as fh: ...
+
+S3 endpoint and credentials come from the usual AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_DEFAULT_REGION, AWS_ENDPOINT_URL for an S3-compatible server such as MinIO) or from `run.storage_endpoint` in the
+config (exported as AWS_ENDPOINT_URL by `configure`); GCS uses the Google application-default credentials.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import os
+import posixpath
+from pathlib import Path
+
+from lbr_ray.errors import ConfigError
+
+REMOTE = ("s3://", "gs://", "gcs://")
+TIMEOUT_S = 10.0  # connect/request timeout: an unreachable endpoint fails in seconds, not after minutes of retries
+
+
+def is_remote(path: str | os.PathLike | None) -> bool:
+    return str(path or "").startswith(REMOTE)
+
+
+def configure(endpoint: str = "") -> None:
+    """Make `run.storage_endpoint` the S3 endpoint of this process and of Ray workers started from it."""
+    if endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+
+
+def _s3(endpoint: str | None):
+    from pyarrow import fs
+
+    kwargs: dict = {"connect_timeout": TIMEOUT_S, "request_timeout": TIMEOUT_S,
+                    "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=2)}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        kwargs["region"] = region
+    return fs.S3FileSystem(**kwargs)
+
+
+def filesystem(path: str | os.PathLike):
+    """(pyarrow FileSystem, path inside it) for a local path or an s3:// / gs:// URI."""
+    from pyarrow import fs
+
+    path = str(path)
+    if path.startswith("s3://"):
+        return _s3(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")), path[5:].rstrip("/")
+    if path.startswith(("gs://", "gcs://")):
+        return fs.GcsFileSystem(), path.split("://", 1)[1].rstrip("/")
+    return fs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(base, *parts) if is_remote(base) else str(Path(base, *parts))
+
+
+def uri(fs_path: str, like: str) -> str:
+    """The URI of `fs_path` (a path inside the filesystem of `like`)."""
+    return like.split("://", 1)[0] + "://" + fs_path if is_remote(like) else fs_path
+
+
+@contextlib.contextmanager
+def open_binary(path: str):
+    """A readable binary stream of a local file or a remote object; `.gz` files are decompressed."""
+    if is_remote(path):
+        fs, p = filesystem(path)
+        stream = fs.open_input_stream(p, compression=None)
+    else:
+        stream = open(path, "rb")
+    try:
+        yield gzip.GzipFile(fileobj=stream) if path.endswith(".gz") else stream
+    finally:
+        stream.close()
+
+
+def file_info(path: str):
+    """pyarrow FileInfo of `path`; a remote store that cannot be reached is a one-line ConfigError."""
+    fs, p = filesystem(path)
+    try:
+        return fs.get_file_info(p)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot reach the storage ({_first_line(e)}); check AWS_ENDPOINT_URL / "
+                          "run.storage_endpoint and the credentials") from None
+
+
+def list_files(path: str) -> list[str]:
+    """Every file under a folder (recursively), as URIs for remote folders, sorted."""
+    from pyarrow import fs as pafs
+
+    fs, p = filesystem(path)
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
+    return sorted(uri(i.path, path) for i in infos if i.type == pafs.FileType.File)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -99,5 +99,62 @@ def list_files(path: str) -> list[str]:
     return sorted(uri(i.path, path) for i in infos if i.type == pafs.FileType.File)
 
 
+def list_dirs(path: str) -> list[str]:
+    """Names of the folders directly in `path` (none if it does not exist); unreachable storage: ConfigError."""
+    from pyarrow import fs as pafs
+
+    if file_info(path).type != pafs.FileType.Directory:
+        return []
+    fs, p = filesystem(path)
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(p)) if i.type == pafs.FileType.Directory)
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def upload_dir(local: str | Path, dest: str) -> None:
+    """Copy a local folder's files to a remote folder (overwriting files of the same name)."""
+    from pyarrow import fs as pafs
+
+    fs, p = filesystem(dest)
+    pafs.copy_files(str(local), p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download_dir(src: str, local: str | Path) -> Path:
+    """Copy a remote folder to a local folder; returns the local folder."""
+    from pyarrow import fs as pafs
+
+    fs, p = filesystem(src)
+    Path(local).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(p, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return Path(local)
+
+
+def staging_dir(uri: str) -> Path:
+    """The local folder that mirrors a remote output (metrics, TensorBoard, final model are uploaded from it)."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha1(uri.encode()).hexdigest()[:12]
+    return Path(os.environ.get("LBR_STAGING", Path(tempfile.gettempdir()) / "lbr-staging")) / key
+
+
+_COPIES: dict[str, str] = {}
+
+
+def local_copy(path: str) -> str:
+    """A local folder for `path`: itself, or a fresh download of a remote model folder (--init, eval --model),
+    made once per process."""
+    import tempfile
+
+    if not is_remote(path):
+        return path
+    if path not in _COPIES:
+        info = file_info(path)
+        from pyarrow import fs as pafs
+
+        if info.type == pafs.FileType.NotFound:
+            raise ConfigError(f"{path} does not exist")
+        _COPIES[path] = str(download_dir(path, tempfile.mkdtemp(prefix="lbr-model-")))
+    return _COPIES[path]

@@ -95,6 +95,9 @@ class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    gpu_memory: str = ""  # memory of one GPU, e.g. "80GiB", for the fit check at start (default: the local GPU's)
+    worker_resource: str = ""  # custom resource each Train worker takes 1 of (e.g. one per node: `ray start
+    #                            --resources '{"lbr_worker": 1}'`); empty = CPUs only
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,9 @@ class RunConfig:
     self_check: bool = True  # compare the mask backend with the dense reference before training
     resume: bool = False
     tensorboard: bool = True
+    max_failures: int | None = None  # worker-group restarts from the latest checkpoint (None: 3 on a multi-node
+    #                                  cluster, 0 on one machine; -1 = unlimited)
+    storage_endpoint: str = ""  # S3-compatible endpoint for s3:// paths (else AWS_ENDPOINT_URL / AWS's default)
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,7 @@ class TuneConfig:
     ib_gl_steps: int | None = None  # stage-1 steps in every trial (default ib_gl.max_steps)
     gr_cl_steps: int | None = None  # stage-2 steps in every trial (default gr_cl.max_steps)
     eval_every: int | None = None  # dev metric every N stage-2 steps, ASHA's decision points (default gr_cl's)
-    max_failures: int = 0  # Tune retries of a failed trial
+    max_failures: int | None = None  # Tune retries of a failed trial (None: as run.max_failures)
     test_eval: bool = True  # evaluate the best trial's model on the test split (the `lbr eval` machinery)
     test_max_queries: int | None = None  # caps for that evaluation (deterministic samples)
     test_max_corpus: int | None = None

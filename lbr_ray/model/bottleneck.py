@@ -23,7 +23,12 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def resolve_model_path(name: str) -> str:
-    """A local folder (as given, or relative to the lbr-ray checkout, e.g. lbr_ray/assets/tiny-llama) or a hub id."""
+    """A local folder (as given, or relative to the lbr-ray checkout, e.g. lbr_ray/assets/tiny-llama), a local copy
+    of an s3:// / gs:// folder, or a hub id."""
+    from lbr_ray.storage import is_remote, local_copy
+
+    if is_remote(name):
+        return local_copy(name)
     for candidate in (Path(name).expanduser(), PACKAGE_ROOT / name):
         if candidate.is_dir():
             return str(candidate)

@@ -7,9 +7,11 @@ cl    : GR-CL from the base model; with match_compute its stage 2 gets the two-s
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
+from lbr_ray import storage
 from lbr_ray.config import LbrConfig, replace
 from lbr_ray.config.schema import STAGES
 from lbr_ray.data import ray_data
@@ -23,6 +25,9 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
           stage2_callbacks: list | None = None) -> dict[str, StageResult]:
     """Run the requested stage(s) and write <output>/summary.json. `stage2_callbacks` go to the GR-CL trainer."""
     t0 = t0 or time.time()
+    if storage.is_remote(cfg.run.output) and not cfg.run.storage_endpoint and os.environ.get("AWS_ENDPOINT_URL"):
+        cfg = replace(cfg, run={"storage_endpoint": os.environ["AWS_ENDPOINT_URL"]})  # workers get it with cfg
+    storage.configure(cfg.run.storage_endpoint)
     if stage == "gr-cl" and init is None and cfg.run.variant != "cl":
         raise ConfigError("--stage gr-cl starts from a stage-1 model: pass --init RUN/ib_gl/model (or --variant cl)")
     if match_compute and cfg.run.variant != "cl":
@@ -46,6 +51,8 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
         results["ib_gl"] = run_stage(cfg, "ib_gl", ib_gl.train_fn, ds, t0=t0)
         _print_stage(results["ib_gl"])
         init = str(results["ib_gl"].model_dir)
+        if storage.is_remote(cfg.run.output):  # workers on other nodes read stage 1's model from the storage
+            init = storage.join(cfg.run.output, "ib_gl", "model")
     if stage in ("gr-cl", "all"):
         results["gr_cl"] = _run_gr_cl(cfg, init, t0, match_compute, stage2_callbacks)
     _write_summary(cfg, summary, results, time.time() - t0)
@@ -108,7 +115,8 @@ def _print_stage(res: StageResult) -> None:
 
 
 def _write_summary(cfg: LbrConfig, data, results: dict[str, StageResult], wall_s: float) -> None:
-    out = Path(cfg.run.output).expanduser().resolve()
+    remote = storage.is_remote(cfg.run.output)
+    out = storage.staging_dir(cfg.run.output) if remote else Path(cfg.run.output).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     dev = {k: [m for m in r.metrics if "dev_recall@10" in m] for k, r in results.items()}
     doc = {"variant": cfg.run.variant, "wall_s": wall_s,
@@ -119,6 +127,10 @@ def _write_summary(cfg: LbrConfig, data, results: dict[str, StageResult], wall_s
                           "dev": dev[k][-1] if dev[k] else None, "dev_step0": dev[k][0] if dev[k] else None}
                       for k, r in results.items()}}
     (out / "summary.json").write_text(json.dumps(doc, indent=2, default=str))
+    if remote:
+        fs, path = storage.filesystem(storage.join(cfg.run.output, "summary.json"))
+        with fs.open_output_stream(path) as fh:
+            fh.write((out / "summary.json").read_bytes())
 
 
 __all__ = ["train", "matched_steps", "STAGES"]

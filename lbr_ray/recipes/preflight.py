@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lbr_ray.config import LbrConfig, load_config
 from lbr_ray.errors import ConfigError, DataError
+from lbr_ray.plan import check_fits
 
 CHECKPOINTS_KEPT = 2  # launcher's CheckpointConfig(num_to_keep=2)
 
@@ -32,8 +33,9 @@ def preflight(cfg: LbrConfig, init: str | None = None, stages: tuple[str, ...] =
     check_positions(cfg, model_config)
     load_tokenizer(name, cfg.bottleneck.k_max)
     if init:
-        check_init(cfg, Path(name))
+        check_init(cfg, Path(resolve_model_path(name)))
     check_output_location(cfg.run.output, checkpoint_bytes(cfg, model_config) * (CHECKPOINTS_KEPT + 1))
+    check_fits(cfg, stages)  # `lbr plan`'s estimate: a run that cannot fit the GPUs stops here
     if cfg.run.resume:
         for stage in stages:
             check_resume_config(cfg, stage)

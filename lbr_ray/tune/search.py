@@ -147,10 +147,18 @@ def build_tuner(cfg: LbrConfig, sweep: Path, callbacks: list | None = None) -> t
                                   num_samples=t.num_samples, max_concurrent_trials=tune_limit,
                                   trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
     callbacks = [ReleaseStoppedTrials(sweep / "trials"), *(callbacks or [])]
+    failures = tune.FailureConfig(max_failures=trial_failures(cfg))
     run_config = tune.RunConfig(name=EXPERIMENT, storage_path=str(sweep), callbacks=callbacks,
-                                failure_config=tune.FailureConfig(max_failures=t.max_failures), verbose=1)
+                                failure_config=failures, verbose=1)
     return tune.Tuner(trainable(cfg, sweep), param_space=param_space(cfg), tune_config=tune_config,
                       run_config=run_config)
+
+
+def trial_failures(cfg: LbrConfig) -> int:
+    """tune.max_failures, else run.max_failures's rule: a failed trial is retried (from its checkpoints)."""
+    from lbr_ray.train.launcher import max_failures
+
+    return cfg.tune.max_failures if cfg.tune.max_failures is not None else max_failures(cfg)
 
 
 def sweep_dir(cfg: LbrConfig) -> Path:

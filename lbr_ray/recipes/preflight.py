@@ -130,7 +130,7 @@ def check_output_location(output: str, need_bytes: int = 0) -> None:
     from lbr_ray.storage import file_info, is_remote
 
     if is_remote(output):
-        file_info(output)  # one ConfigError line when the endpoint cannot be reached or refuses the credentials
+        check_remote_output(output)
         return
     path = Path(output).expanduser()
     existing = path
@@ -148,6 +148,26 @@ def check_output_location(output: str, need_bytes: int = 0) -> None:
     if free < need_bytes:
         raise ConfigError(f"--output {output}: {free / 2**30:.2f} GiB free on its disk, the run's checkpoints need "
                           f"about {need_bytes / 2**30:.2f} GiB; free space or choose another --output")
+
+
+def check_remote_output(output: str) -> None:
+    """The bucket exists and takes a write (a probe object, removed again) with these credentials."""
+    from pyarrow import fs as pafs
+
+    from lbr_ray.storage import file_info, filesystem, join
+
+    file_info(output)  # names the output when the endpoint cannot be reached
+    bucket = output.split("://", 1)[0] + "://" + output.split("://", 1)[1].split("/", 1)[0]
+    if file_info(bucket).type == pafs.FileType.NotFound:
+        raise ConfigError(f"--output {output}: the bucket {bucket} does not exist (or these credentials cannot see "
+                          "it); create it first")
+    fs, probe = filesystem(join(output, ".lbr-write-test"))
+    try:
+        with fs.open_output_stream(probe) as fh:
+            fh.write(b"ok")
+        fs.delete_file(probe)
+    except OSError as e:
+        raise ConfigError(f"--output {output}: cannot write there ({str(e).splitlines()[0]})") from None
 
 
 def check_resume_config(cfg: LbrConfig, stage: str) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,26 +20,12 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.conftest import free_port
+
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "lbr-test"
 STEPS = 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.2)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def stop_pids(pids: list[int]) -> None:
@@ -65,41 +50,24 @@ def stop_pids(pids: list[int]) -> None:
 
 
 @pytest.fixture(scope="module")
-def s3_server(tmp_path_factory):
-    """moto's S3 server on a free 127.0.0.1 port, with the bucket and the env a client needs."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    try:
-        wait_port(port)
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        from lbr_ray import storage
+def bucket(s3_server):
+    """The bucket, with the demo's medical data in it."""
+    import boto3
 
-        fs, _ = storage.filesystem(f"s3://{BUCKET}")
-        fs.create_dir(BUCKET)
-        for name in ("pairs.jsonl.gz", "corpus.jsonl.gz"):
-            with fs.open_output_stream(f"{BUCKET}/data/medical/{name}") as fh:
-                fh.write((ROOT / "data" / "demo" / "medical" / name).read_bytes())
-        yield env
-    finally:
-        for k, v in locals().get("old", {}).items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        stop_pids([proc.pid])
+    from lbr_ray import storage
+
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    storage.upload_dir(ROOT / "data" / "demo" / "medical", f"s3://{BUCKET}/data/medical")
+    return s3_server
 
 
 @pytest.fixture(scope="module")
-def two_nodes(s3_server, tmp_path_factory):
+def two_nodes(bucket, tmp_path_factory):
     """A Ray head and a second node (`ray start`), each with 2 CPUs and one `lbr_worker`, in their own temp dir;
     stopped by pid (never `ray stop`, which would stop other Ray instances on the machine)."""
     temp = Path(f"/tmp/lbr2n-{os.getpid()}")
     port = free_port()
-    env = {**os.environ, **s3_server, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
+    env = {**os.environ, **bucket, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
            "RAY_USAGE_STATS_ENABLED": "0"}
     ray_bin = str(Path(sys.executable).parent / "ray")
     common = ["--num-cpus=2", '--resources={"lbr_worker": 1}', "--node-ip-address=127.0.0.1", "--disable-usage-stats"]

@@ -252,6 +252,12 @@ def test_unreachable_s3_endpoint(lbr, tmp_path, monkeypatch):
     one_line(code, err, "s3://bucket/run: cannot reach the storage", "AWS_ENDPOINT_URL")
 
 
+def test_s3_output_in_a_missing_bucket(lbr, tmp_path, s3_server):
+    good = pairs_file(tmp_path / "p" / "pairs.jsonl")
+    code, err = lbr("train", "--config", DEMO_CFG, "--data", good, "--output", "s3://no-such-bucket/run")
+    one_line(code, err, "--output s3://no-such-bucket/run: the bucket s3://no-such-bucket does not exist")
+
+
 def test_eval_unknown_domain(lbr, tmp_path):
     one_line(*lbr("eval", "--baseline", "bm25", "--domains", "astrology", "--data-root", ROOT / "data" / "demo",
                   "--num-workers", "0", "--output", tmp_path / "ev"), "unknown domain 'astrology'")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import io
 import os
 import posixpath
 from pathlib import Path
@@ -71,13 +72,32 @@ def open_binary(path: str):
     """A readable binary stream of a local file or a remote object; `.gz` files are decompressed."""
     if is_remote(path):
         fs, p = filesystem(path)
-        stream = fs.open_input_stream(p, compression=None)
+        stream = io.BufferedReader(_RawStream(fs.open_input_stream(p, compression=None)), 1 << 20)
     else:
         stream = open(path, "rb")
     try:
         yield gzip.GzipFile(fileobj=stream) if path.endswith(".gz") else stream
     finally:
         stream.close()
+
+
+class _RawStream(io.RawIOBase):
+    """A pyarrow input stream as a raw io stream (so io.BufferedReader gives it readline(limit))."""
+
+    def __init__(self, native):
+        self.native = native
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.native.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.native.close()
+        super().close()
 
 
 def file_info(path: str):

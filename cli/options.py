@@ -14,7 +14,8 @@ SetOpt = Annotated[
 NumWorkersOpt = Annotated[
     Optional[int], typer.Option("--num-workers", "-n", help="Ray Train workers (overrides scaling.num_workers).")
 ]
-OutputOpt = Annotated[Optional[Path], typer.Option("--output", "-o", help="Run folder (overrides run.output).")]
+OutputOpt = Annotated[Optional[str], typer.Option("--output", "-o", help="Run folder or s3:// / gs:// URI (overrides "
+                                                "run.output).")]
 AddressOpt = Annotated[
     Optional[str],
     typer.Option(

@@ -1,6 +1,7 @@
 """`lbr train`: parse options, build the config, call lbr_ray.recipes.pipeline.train."""
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -28,21 +29,39 @@ def config_with_options(config: Path, overrides: list[str] | None, **options):
 
     opts = list(overrides or [])
     mapping = {"num_workers": "scaling.num_workers", "output": "run.output", "resume": "run.resume",
-               "variant": "run.variant", "data": "data.pairs"}
+               "variant": "run.variant"}
     for name, value in options.items():
         if value is not None and value is not False:
             opts.append(f"{mapping[name]}={value}")
     return load_config(config, opts)
 
 
+def data_overrides(data: str, overrides: list[str]) -> list[str]:
+    """`--data` means exactly the data named: its pairs, and the corpus files in that folder (none if it has
+    none), never the config's own corpus; an explicit `--set data.corpus=...` still wins."""
+    from lbr_ray.data.readers import resolve_paths
+    from lbr_ray.errors import DataError
+
+    opts = [f"data.pairs={json.dumps([data])}"]
+    if not any(o.split("=", 1)[0].strip() == "data.corpus" for o in overrides):
+        try:
+            has_corpus = any(Path(f).name.startswith("corpus") for f in resolve_paths(data, "corpus"))
+        except DataError:
+            has_corpus = False
+        opts.append(f"data.corpus={json.dumps([data] if has_corpus else [])}")
+    return opts + overrides
+
+
 def train(
     config: ConfigOpt,
     stage: Annotated[str, typer.Option(help="ib-gl (stage 1), gr-cl (stage 2) or all (both, one output folder).")] = "ib-gl",
-    data: Annotated[Optional[str], typer.Option(help="Pairs file, folder or glob (overrides data.pairs).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Pairs file, folder, glob, s3:// URI or `datasets` save_to_disk "
+                                                "folder: replaces data.pairs, and data.corpus by the folder's corpus* "
+                                                "files (none if it has none).")] = None,
     num_workers: NumWorkersOpt = None,
     output: OutputOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint.")] = False,
-    init: Annotated[Optional[Path], typer.Option(help="Stage-1 model or checkpoint to start gr-cl from.")] = None,
+    init: Annotated[Optional[str], typer.Option(help="Stage-1 model or checkpoint to start gr-cl from.")] = None,
     variant: Annotated[Optional[str], typer.Option(help="lbr (default), gl-cl (stage 1 without the bottleneck mask) or cl (contrastive only).")] = None,
     match_compute: Annotated[bool, typer.Option("--match-compute", help="With --variant cl: give stage 2 the two-stage variants' total compute (tokens) as extra steps.")] = False,
     overrides: SetOpt = None,
@@ -60,10 +79,11 @@ def train(
 
     if stage not in STAGES:
         raise ConfigError(f"--stage {stage!r} is not one of {list(STAGES)}")
+    overrides = list(overrides or [])
     if data is not None:
-        data = f"[{data}]"
+        overrides = data_overrides(data, overrides)
     cfg = config_with_options(config, overrides, num_workers=num_workers, output=output, resume=resume,
-                              variant=variant, data=data)
+                              variant=variant)
     from lbr_ray.recipes.pipeline import train as run_train  # imports Ray, torch: after the cheap checks
     run_train(cfg, stage=stage, init=str(init) if init else None, address=address, t0=t0,
               match_compute=match_compute, quiet=not verbose)

@@ -95,6 +95,9 @@ def validate(cfg: LbrConfig) -> list[str]:
     if cfg.model.attn_backend == "flex" and not cfg.scaling.use_gpu:
         problems.append("model.attn_backend=flex trains only on GPU (FlexAttention has no CPU backward); "
                         "use dense or kv_split on CPU")
+    for key, value in (("run.max_failures", cfg.run.max_failures), ("tune.max_failures", cfg.tune.max_failures)):
+        if value is not None and value < -1:
+            problems.append(f"{key} must be >= -1 (-1 = unlimited), got {value}")
     if cfg.scaling.num_workers < 1:
         problems.append(f"scaling.num_workers must be >= 1, got {cfg.scaling.num_workers}")
     if cfg.data.split.key not in SPLIT_KEYS:
@@ -151,7 +154,7 @@ def _validate_tune(cfg: LbrConfig) -> list[str]:
                 "test_max_queries", "test_max_corpus"):
         if getattr(t, key) is not None and getattr(t, key) < 1:
             problems.append(f"tune.{key} must be >= 1, got {getattr(t, key)}")
-    for key in ("max_concurrent_trials", "max_failures", "eval_workers"):
+    for key in ("max_concurrent_trials", "eval_workers"):
         if getattr(t, key) < 0:
             problems.append(f"tune.{key} must be >= 0, got {getattr(t, key)}")
     if t.reduction_factor <= 1:

@@ -44,6 +44,7 @@ class DataConfig:
     on_bad_record: str = "error"  # error | skip (skipped records are counted in the run summary)
     types: tuple[str, ...] = ()  # keep only these pair types (empty = all)
     split: SplitConfig = field(default_factory=SplitConfig)
+    max_record_bytes: int = 8 << 20  # a longer line is a bad record (a file that is not JSON lines, a runaway field)
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,9 @@ class ScalingConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     peak_tflops: float | None = None  # one device's peak TFLOP/s for MFU (default: GPU table / CPU estimate)
+    gpu_memory: str = ""  # memory of one GPU, e.g. "80GiB", for the fit check at start (default: the local GPU's)
+    worker_resource: str = ""  # custom resource each Train worker takes 1 of (e.g. one per node: `ray start
+    #                            --resources '{"lbr_worker": 1}'`); empty = CPUs only
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,9 @@ class RunConfig:
     self_check: bool = True  # compare the mask backend with the dense reference before training
     resume: bool = False
     tensorboard: bool = True
+    max_failures: int | None = None  # worker-group restarts from the latest checkpoint (None: 3 on a multi-node
+    #                                  cluster, 0 on one machine; -1 = unlimited)
+    storage_endpoint: str = ""  # S3-compatible endpoint for s3:// paths (else AWS_ENDPOINT_URL / AWS's default)
 
 
 @dataclass(frozen=True)
@@ -130,7 +137,7 @@ class TuneConfig:
     ib_gl_steps: int | None = None  # stage-1 steps in every trial (default ib_gl.max_steps)
     gr_cl_steps: int | None = None  # stage-2 steps in every trial (default gr_cl.max_steps)
     eval_every: int | None = None  # dev metric every N stage-2 steps, ASHA's decision points (default gr_cl's)
-    max_failures: int = 0  # Tune retries of a failed trial
+    max_failures: int | None = None  # Tune retries of a failed trial (None: as run.max_failures)
     test_eval: bool = True  # evaluate the best trial's model on the test split (the `lbr eval` machinery)
     test_max_queries: int | None = None  # caps for that evaluation (deterministic samples)
     test_max_corpus: int | None = None

@@ -12,7 +12,7 @@ import numpy as np
 import ray
 
 from lbr_ray.config.schema import LbrConfig
-from lbr_ray.data.readers import iter_raw, resolve_paths
+from lbr_ray.data.readers import MAX_RECORD_BYTES, iter_raw, resolve_paths
 from lbr_ray.data.schema import CHECKS
 from lbr_ray.data.split import split_of, text_key
 from lbr_ray.errors import DataError
@@ -24,12 +24,12 @@ EMPTY = {"pairs": {"query": "", "positive": "", "negatives": [], "type": "", "so
 class _ReadFile:
     """flat_map UDF: one file -> its checked records; bad ones raise (error) or become `_error` rows (skip)."""
 
-    def __init__(self, kind: str, on_bad: str):
-        self.kind, self.on_bad, self.check = kind, on_bad, CHECKS[kind]
+    def __init__(self, kind: str, on_bad: str, max_bytes: int = MAX_RECORD_BYTES):
+        self.kind, self.on_bad, self.check, self.max_bytes = kind, on_bad, CHECKS[kind], max_bytes
 
     def __call__(self, item: dict):
         path = item["path"]
-        for line, obj in iter_raw(path):
+        for line, obj in iter_raw(path, self.max_bytes):
             err = obj if isinstance(obj, DataError) else None
             if err is None:
                 try:
@@ -42,11 +42,15 @@ class _ReadFile:
             yield {**EMPTY[self.kind], "_file": path, "_line": line, "_error": err.reason}
 
 
-def read_records(specs, kind: str, on_bad: str = "error") -> ray.data.Dataset:
+def read_records(specs, kind: str, on_bad: str = "error", max_bytes: int = MAX_RECORD_BYTES) -> ray.data.Dataset:
     """All records of `specs` (files, folders, globs) with `_file`, `_line` and `_error` columns."""
     files = resolve_paths(specs, kind)
     items = ray.data.from_items([{"path": f} for f in files], override_num_blocks=len(files))
-    return items.flat_map(_ReadFile(kind, on_bad))
+    return items.flat_map(_ReadFile(kind, on_bad, max_bytes))
+
+
+def _read(cfg: LbrConfig, kind: str) -> ray.data.Dataset:
+    return read_records(getattr(cfg.data, kind), kind, cfg.data.on_bad_record, cfg.data.max_record_bytes)
 
 
 def _keep_split(split: str, split_cfg, types: tuple[str, ...]):
@@ -57,8 +61,7 @@ def _keep_split(split: str, split_cfg, types: tuple[str, ...]):
 
 
 def pairs(cfg: LbrConfig, split: str) -> ray.data.Dataset:
-    return read_records(cfg.data.pairs, "pairs", cfg.data.on_bad_record).filter(
-        _keep_split(split, cfg.data.split, cfg.data.types))
+    return _read(cfg, "pairs").filter(_keep_split(split, cfg.data.split, cfg.data.types))
 
 
 @dataclass
@@ -74,6 +77,17 @@ class DataSummary:
     @property
     def bad(self) -> int:
         return sum(self.bad_by_file.values())
+
+    def require_training_pairs(self, specs) -> None:
+        """Stop (DataError) when nothing is left to train on: every record skipped, or none in the train split."""
+        if self.pairs_by_split.get("train", 0) > 0:
+            return
+        where = ", ".join(specs)
+        if self.bad and not sum(self.pairs_by_split.values()):
+            raise DataError(where, None, f"every pairs record was skipped as bad ({self.bad}; data.on_bad_record="
+                                         f"skip), e.g. {self.bad_examples[0]}")
+        raise DataError(where, None, f"no training pairs (split: {dict(self.pairs_by_split)}); add data or check "
+                                     "data.types / data.split")
 
     def lines(self) -> list[str]:
         out = [f"pairs: {dict(self.pairs_by_split)}; corpus passages: {self.corpus}"]
@@ -94,14 +108,14 @@ def summarize(cfg: LbrConfig, with_corpus: bool = True) -> DataSummary:
         return {"split": splits, "held": held, "_file": batch["_file"], "_line": batch["_line"],
                 "_error": batch["_error"]}
 
-    for row in read_records(cfg.data.pairs, "pairs", cfg.data.on_bad_record).map_batches(digest).iter_rows():
+    for row in _read(cfg, "pairs").map_batches(digest).iter_rows():
         if not _tally(summary, row):
             summary.pairs_by_split[row["split"]] += 1
         if row["held"]:
             summary.heldout_keys.add(row["held"])
     if with_corpus and cfg.data.corpus:
         cols = ["_file", "_line", "_error"]
-        for row in read_records(cfg.data.corpus, "corpus", cfg.data.on_bad_record).select_columns(cols).iter_rows():
+        for row in _read(cfg, "corpus").select_columns(cols).iter_rows():
             if not _tally(summary, row):
                 summary.corpus += 1
     return summary
@@ -136,7 +150,7 @@ def stage1_texts(cfg: LbrConfig, heldout_keys: set[str]) -> ray.data.Dataset:
     train = pairs(cfg, "train").flat_map(lambda r: pair_texts(r, heldout_keys))
     if not (cfg.ib_gl.use_corpus and cfg.data.corpus):
         return train
-    corpus = read_records(cfg.data.corpus, "corpus", cfg.data.on_bad_record)
+    corpus = _read(cfg, "corpus")
     corpus = corpus.filter(lambda r: keeps_corpus_row(r, heldout_keys))
     return train.union(corpus.select_columns(["text"]))
 

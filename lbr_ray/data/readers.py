@@ -1,13 +1,12 @@
 """Read pairs/corpus records from files, directories or globs of shards, with file:line errors (no Ray).
 
-Formats: `.jsonl`, `.jsonl.gz`, `.json` (JSON lines), `.parquet` (line = 1-based row number).
+Formats: `.jsonl`, `.jsonl.gz`, `.json` (JSON lines), `.parquet` and the Arrow files of a Hugging Face
+`save_to_disk` folder (line = 1-based row number); local paths or s3:// / gs:// URIs.
 Bad records raise DataError(path, line) or, with on_bad="skip", are counted in a BadRecords tally.
 """
 from __future__ import annotations
 
 import glob
-import gzip
-import io
 import json
 import os
 from collections import Counter
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from lbr_ray.data.schema import CHECKS
 from lbr_ray.errors import DataError
+from lbr_ray.storage import file_info, is_remote, list_files, open_binary
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
 
@@ -39,58 +39,154 @@ class BadRecords:
 
 
 def resolve_paths(specs: str | list[str] | tuple[str, ...], kind: str = "pairs") -> list[str]:
-    """Expand files, directories (all supported shards inside, sorted) and globs; error if nothing matches."""
+    """Expand files, directories (all supported shards inside, sorted), globs, s3:// / gs:// URIs and Hugging Face
+    `save_to_disk` folders (their Arrow files); error if nothing matches."""
     specs = [specs] if isinstance(specs, str) else list(specs)
     out: list[str] = []
     for spec in specs:
-        p = Path(os.path.expanduser(spec))
-        if p.is_dir():  # a domain folder: its `pairs*` / `corpus*` files if any, else every shard inside
-            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES))
-            if any(Path(f).name.startswith(("pairs", "corpus")) for f in found):
-                found = [f for f in found if Path(f).name.startswith(kind)]
-        elif any(ch in spec for ch in "*?["):
-            found = sorted(f for f in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(f))
-        elif p.is_file():
-            found = [str(p)]
-        else:
-            raise DataError(spec, None, f"{kind} path does not exist")
+        found = _resolve_remote(spec, kind) if is_remote(spec) else _resolve_local(spec, kind)
         if not found:
             raise DataError(spec, None, f"no {kind} files ({', '.join(SUFFIXES)}) found")
         for f in found:
-            if not f.endswith(SUFFIXES):
+            if not f.endswith(SUFFIXES + (".arrow",)):
                 raise DataError(f, None, f"unsupported file type; use one of {', '.join(SUFFIXES)}")
         out += found
     return list(dict.fromkeys(out))
 
 
-def iter_raw(path: str) -> Iterator[tuple[int, object]]:
-    """Yield (line number, parsed object or DataError) for every non-blank line/row of one file."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
+def _resolve_local(spec: str, kind: str) -> list[str]:
+    p = Path(os.path.expanduser(spec))
+    if p.is_dir():
+        hf = hf_dataset_files(p)
+        if hf is not None:
+            return hf
+        return _pick_kind(sorted(str(f) for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES)), kind)
+    if any(ch in spec for ch in "*?["):
+        return sorted(f for f in glob.glob(os.path.expanduser(spec), recursive=True) if os.path.isfile(f))
+    if p.is_file():
+        return [str(p)]
+    raise DataError(spec, None, f"{kind} path does not exist")
 
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield i, row
+
+def _resolve_remote(spec: str, kind: str) -> list[str]:
+    from pyarrow import fs as pafs
+
+    info = file_info(spec)
+    if info.type == pafs.FileType.File:
+        return [spec]
+    if info.type == pafs.FileType.NotFound:
+        raise DataError(spec, None, f"{kind} path does not exist")
+    return _pick_kind([f for f in list_files(spec) if f.endswith(SUFFIXES)], kind)
+
+
+def _pick_kind(found: list[str], kind: str) -> list[str]:
+    """A domain folder: its `pairs*` / `corpus*` files if it has any, else every shard inside."""
+    if any(Path(f).name.startswith(("pairs", "corpus")) for f in found):
+        return [f for f in found if Path(f).name.startswith(kind)]
+    return found
+
+
+def hf_dataset_files(folder: Path) -> list[str] | None:
+    """The Arrow files of a `datasets` save_to_disk folder (a Dataset, or every split of a DatasetDict), or None."""
+    if (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file():
+        state = json.loads((folder / "state.json").read_text())
+        return [str(folder / f["filename"]) for f in state.get("_data_files", [])]
+    if (folder / "dataset_dict.json").is_file():
+        splits = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+        return [f for split in splits for f in hf_dataset_files(folder / split) or []]
+    return None
+
+
+def has_records(path: str) -> bool:
+    """Whether a data file holds at least one non-blank line or row (an empty file is an error, never 'no data')."""
+    if path.endswith((".parquet", ".arrow")):
+        return any(True for _ in _iter_table(path))
+    with open_binary(path) as raw:
+        for _, line in _lines(raw, MAX_RECORD_BYTES):
+            if line is None or line.strip():
+                return True
+    return False
+
+
+MAX_RECORD_BYTES = 8 << 20  # default for data.max_record_bytes: longer lines are refused (is it JSON lines?)
+
+
+def iter_raw(path: str, max_bytes: int = MAX_RECORD_BYTES) -> Iterator[tuple[int, object]]:
+    """Yield (line number, parsed object or DataError) for every non-blank line/row of one file.
+
+    Lines are decoded one by one, so invalid UTF-8 and over-long lines are reported with their own line number
+    (and, with on_bad_record=skip, skip only that line); a line over `max_bytes` is never held in memory whole.
+    """
+    if path.endswith((".parquet", ".arrow")):
+        yield from _iter_table(path)
         return
-    opener = gzip.open if path.endswith(".gz") else open
     try:
-        with opener(path, "rb") as raw:
-            for i, line in enumerate(io.TextIOWrapper(raw, encoding="utf-8", errors="strict"), start=1):
-                if not line.strip():
+        with open_binary(path) as raw:
+            for i, line in _lines(raw, max_bytes):
+                if line is None:
+                    yield i, DataError(path, i, f"line longer than data.max_record_bytes={max_bytes} bytes "
+                                                "(one JSON record per line expected)")
                     continue
                 try:
-                    yield i, json.loads(line)
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    yield i, DataError(path, i, f"not UTF-8 text (byte {e.start + 1} of the line: {e.reason})")
+                    continue
+                if not text.strip():
+                    continue
+                try:
+                    yield i, json.loads(text)
                 except json.JSONDecodeError as e:
                     yield i, DataError(path, i, f"broken JSON ({e.msg} at column {e.colno})")
-    except UnicodeDecodeError as e:
-        yield -1, DataError(path, None, f"not UTF-8 text ({e.reason})")
     except (OSError, EOFError) as e:
         yield -1, DataError(path, None, f"cannot read file ({e})")
 
 
-def iter_records(path: str, kind: str, on_bad: str = "error", bad: BadRecords | None = None) -> Iterator[dict]:
+def _lines(raw, limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """(1-based line number, bytes) per line; None for a line over `limit` bytes (read past in 1 MiB chunks)."""
+    i = 0
+    while True:
+        line = raw.readline(limit + 1)
+        if not line:
+            return
+        i += 1
+        if len(line) > limit and not line.endswith(b"\n"):
+            while True:
+                chunk = raw.readline(1 << 20)
+                if not chunk or chunk.endswith(b"\n"):
+                    break
+            yield i, None
+            continue
+        yield i, line
+
+
+def _iter_table(path: str) -> Iterator[tuple[int, object]]:
+    """Rows of a parquet file or of an Arrow file of a Hugging Face `save_to_disk` folder (line = 1-based row)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if path.endswith(".parquet"):
+            with open_binary(path) as fh:
+                table = pq.read_table(fh)
+        else:
+            with open_binary(path) as fh:
+                table = pa.ipc.open_stream(fh).read_all()
+    except (OSError, pa.ArrowInvalid) as e:
+        yield -1, DataError(path, None, f"cannot read table ({str(e).splitlines()[0]})")
+        return
+    row = 0
+    for batch in table.to_batches(max_chunksize=4096):
+        for record in batch.to_pylist():
+            row += 1
+            yield row, record
+
+
+def iter_records(path: str, kind: str, on_bad: str = "error", bad: BadRecords | None = None,
+                 max_bytes: int = MAX_RECORD_BYTES) -> Iterator[dict]:
     """Yield checked records of one file, each with `_file` and `_line` for later error messages."""
     check = CHECKS[kind]
-    for line, obj in iter_raw(path):
+    for line, obj in iter_raw(path, max_bytes):
         if isinstance(obj, DataError):
             err = obj
         else:

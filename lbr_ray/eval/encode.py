@@ -89,8 +89,11 @@ LBR_CANDIDATES = ("", "hf", "model", "gr_cl/model", "ib_gl/model")  # model, che
 
 def resolve_model(path: str | Path) -> tuple[str, Path]:
     """('lbr', folder with lbr_ray.json) for an lbr-ray model, checkpoint, stage or run folder; ('st', path) for a
-    sentence-transformers folder (modules.json); anything else raises EncoderError."""
-    p = Path(path)
+    sentence-transformers folder (modules.json); anything else raises EncoderError. An s3:// / gs:// folder is
+    downloaded first (to the driver's machine: encoder actors on other nodes need that path too)."""
+    from lbr_ray.storage import is_remote, local_copy
+
+    p = Path(local_copy(str(path)) if is_remote(path) else path)
     for sub in LBR_CANDIDATES:
         if (p / sub / "lbr_ray.json").is_file():
             return "lbr", p / sub if sub else p

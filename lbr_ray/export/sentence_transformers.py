@@ -17,7 +17,7 @@ from pathlib import Path
 from lbr_ray.layout import num_bottleneck
 from lbr_ray.errors import LbrError
 from lbr_ray.model.encoder import CARD, bottleneck_from_card
-from lbr_ray.train.checkpoint import hf_dir
+from lbr_ray.train.checkpoint import local_hf_dir
 
 MODULES = [
     {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -44,7 +44,7 @@ def export(checkpoint: str | Path, out: str | Path, k: int | None = None) -> Pat
     """Write the merged HF model + sentence-transformers folder to `out`; returns it."""
     from transformers import AutoConfig, AutoTokenizer
 
-    src, out = hf_dir(checkpoint), Path(out)
+    src, out = local_hf_dir(checkpoint), Path(out)
     card = json.loads((src / CARD).read_text())
     if card["pooling"] != "last":
         raise LbrError("sentence-transformers export supports pooling=last only (mean over bottleneck tokens "

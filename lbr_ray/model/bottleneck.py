@@ -22,7 +22,12 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 
 def resolve_model_path(name: str) -> str:
-    """A local folder (as given, or relative to the lbr-ray checkout, e.g. lbr_ray/assets/tiny-llama) or a hub id."""
+    """A local folder (as given, or relative to the lbr-ray checkout, e.g. lbr_ray/assets/tiny-llama), a local copy
+    of an s3:// / gs:// folder, or a hub id."""
+    from lbr_ray.storage import is_remote, local_copy
+
+    if is_remote(name):
+        return local_copy(name)
     for candidate in (Path(name).expanduser(), PACKAGE_ROOT / name):
         if candidate.is_dir():
             return str(candidate)
@@ -38,7 +43,10 @@ def load_tokenizer(name: str, k_max: int):
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.name: cannot load a tokenizer from {name!r} ({str(e).splitlines()[0]})") from None
     if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
+        if tok.eos_token is None:
+            raise ConfigError(f"model.name: the tokenizer of {name!r} has no pad token and no EOS token to pad "
+                              "with; set pad_token in its tokenizer_config.json")
+        tok.pad_token = tok.eos_token  # the usual choice for decoder-only LMs; padded positions are masked out
     add_bottleneck_tokens(tok, k_max)
     return tok
 

@@ -49,9 +49,9 @@ class Encoder:
         """Load an lbr-ray model folder (HF weights + tokenizer + lbr_ray.json), e.g. <run>/gr_cl/model."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from lbr_ray.train.checkpoint import hf_dir
+        from lbr_ray.train.checkpoint import local_hf_dir
 
-        folder = hf_dir(path)
+        folder = local_hf_dir(path)
         card = json.loads((folder / CARD).read_text())
         if card.get("format") != "lbr-ray":
             raise CheckpointError(f"{folder / CARD} is not an lbr-ray model card")

@@ -7,15 +7,18 @@ cl    : GR-CL from the base model; with match_compute its stage 2 gets the two-s
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from lbr_ray import storage
 from lbr_ray.config import LbrConfig, replace, to_dict
 from lbr_ray.config.schema import STAGES
 from lbr_ray.data import ray_data
 from lbr_ray.errors import ConfigError
+from lbr_ray.recipes.preflight import preflight
 from lbr_ray.train.launcher import StageResult, check_output, ensure_ray, print_config, run_stage
 
 
@@ -25,14 +28,18 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
     """Run the requested stage(s) and write <output>/summary.json. `stage2_callbacks` go to the GR-CL trainer.
     `quiet`: the console shows lbr's progress, metrics, warnings and errors; the rest goes to log files."""
     t0 = t0 or time.time()
+    if storage.is_remote(cfg.run.output) and not cfg.run.storage_endpoint and os.environ.get("AWS_ENDPOINT_URL"):
+        cfg = replace(cfg, run={"storage_endpoint": os.environ["AWS_ENDPOINT_URL"]})  # workers get it with cfg
+    storage.configure(cfg.run.storage_endpoint)
     if stage == "gr-cl" and init is None and cfg.run.variant != "cl":
         raise ConfigError("--stage gr-cl starts from a stage-1 model: pass --init RUN/ib_gl/model (or --variant cl)")
     if match_compute and cfg.run.variant != "cl":
         raise ConfigError("--match-compute is for --variant cl (the baseline given the two-stage compute)")
     print_config(cfg)
-    preflight(cfg, init)
-    for name in (["ib_gl"] if stage in ("ib-gl", "all") and cfg.run.variant != "cl" else []) + \
-            (["gr_cl"] if stage in ("gr-cl", "all") else []):
+    stages = (["ib_gl"] if stage in ("ib-gl", "all") and cfg.run.variant != "cl" else []) + \
+        (["gr_cl"] if stage in ("gr-cl", "all") else [])
+    preflight(cfg, init, tuple(stages))
+    for name in stages:
         check_output(cfg, name)
     startup = {"preflight": time.time() - t0}  # driver milestones, seconds since the command started
     ensure_ray(cfg, address, quiet)
@@ -41,6 +48,7 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
     startup["data_summary"] = time.time() - t0
     for line in summary.lines():
         print(f"[lbr] data: {line}", flush=True)
+    summary.require_training_pairs(cfg.data.pairs)
     results: dict[str, StageResult] = {}
     if stage in ("ib-gl", "all") and cfg.run.variant != "cl":
         from lbr_ray.recipes import ib_gl
@@ -49,6 +57,8 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
         results["ib_gl"] = run_stage(cfg, "ib_gl", ib_gl.train_fn, ds, t0=t0, quiet=quiet)
         _print_stage(results["ib_gl"])
         init = str(results["ib_gl"].model_dir)
+        if storage.is_remote(cfg.run.output):  # workers on other nodes read stage 1's model from the storage
+            init = storage.join(cfg.run.output, "ib_gl", "model")
     if stage in ("gr-cl", "all"):
         results["gr_cl"] = _run_gr_cl(cfg, init, t0, match_compute, stage2_callbacks, quiet, summary.heldout_keys)
     _write_summary(cfg, summary, results, time.time() - t0, startup)
@@ -127,25 +137,6 @@ def mean_row_tokens(cfg: LbrConfig, heldout_keys: set[str] = frozenset(), sample
     return per_row1, per_row2
 
 
-def preflight(cfg: LbrConfig, init: str | None = None) -> None:
-    """Fail in seconds, before Ray starts: data paths exist, the model and tokenizer load, init is a model."""
-    from transformers import AutoConfig
-
-    from lbr_ray.data.readers import resolve_paths
-    from lbr_ray.model.bottleneck import load_tokenizer, resolve_model_path
-    from lbr_ray.train.checkpoint import hf_dir
-
-    resolve_paths(cfg.data.pairs, "pairs")
-    if cfg.data.corpus:
-        resolve_paths(cfg.data.corpus, "corpus")
-    name = str(hf_dir(init)) if init else cfg.model.name
-    load_tokenizer(name, cfg.bottleneck.k_max)
-    try:
-        AutoConfig.from_pretrained(resolve_model_path(name))
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"model.name: cannot load a model config from {name!r} ({str(e).splitlines()[0]})") from None
-
-
 def _print_stage(res: StageResult) -> None:
     last = res.last
     keys = ("loss", "tokens_per_s", "steps_per_s", "first_step_s", "dev_recall@10")
@@ -155,7 +146,8 @@ def _print_stage(res: StageResult) -> None:
 
 def _write_summary(cfg: LbrConfig, data, results: dict[str, StageResult], wall_s: float,
                    startup: dict | None = None) -> None:
-    out = Path(cfg.run.output).expanduser().resolve()
+    remote = storage.is_remote(cfg.run.output)
+    out = storage.staging_dir(cfg.run.output) if remote else Path(cfg.run.output).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     dev = {k: [m for m in r.metrics if "dev_recall@10" in m] for k, r in results.items()}
     doc = {"variant": cfg.run.variant, "wall_s": wall_s, "startup_driver_s": startup or {},
@@ -166,6 +158,10 @@ def _write_summary(cfg: LbrConfig, data, results: dict[str, StageResult], wall_s
                           "dev": dev[k][-1] if dev[k] else None, "dev_step0": dev[k][0] if dev[k] else None}
                       for k, r in results.items()}}
     (out / "summary.json").write_text(json.dumps(doc, indent=2, default=str))
+    if remote:
+        fs, path = storage.filesystem(storage.join(cfg.run.output, "summary.json"))
+        with fs.open_output_stream(path) as fh:
+            fh.write((out / "summary.json").read_bytes())
 
 
 __all__ = ["train", "matched_steps", "STAGES"]

@@ -102,10 +102,25 @@ def load(engine, ckpt_dir: Path, rank: int = 0) -> LoopState:
     return LoopState(**client["loop"])
 
 
-def hf_dir(path: str | Path) -> Path:
-    """The HF model folder of a run folder, a stage folder, a checkpoint or an exported model."""
+def hf_dir(path: str | Path) -> Path | str:
+    """The HF model folder of a run folder, a stage folder, a checkpoint or an exported model (s3:// URIs too)."""
+    from lbr_ray.storage import file_info, is_remote, join
+
+    if is_remote(path):
+        for sub in ("", "hf", "model", "gr_cl/model", "ib_gl/model"):
+            candidate = join(str(path), sub) if sub else str(path).rstrip("/")
+            if file_info(join(candidate, MODEL_CARD)).size is not None:
+                return candidate
+        raise CheckpointError(f"{path} is not an lbr-ray model or checkpoint (no config.json + {MODEL_CARD} found)")
     p = Path(path)
     for candidate in (p, p / "hf", p / "model", p / "gr_cl" / "model", p / "ib_gl" / "model"):
         if (candidate / "config.json").is_file() and (candidate / MODEL_CARD).is_file():
             return candidate
     raise CheckpointError(f"{path} is not an lbr-ray model or checkpoint (no config.json + {MODEL_CARD} found)")
+
+
+def local_hf_dir(path: str | Path) -> Path:
+    """hf_dir as a local folder: a remote model is downloaded once per process."""
+    from lbr_ray.storage import local_copy
+
+    return Path(local_copy(str(hf_dir(path))))

@@ -16,6 +16,8 @@ from ray.train.v2.api.callback import UserCallback
 
 from lbr_ray.config import LbrConfig, save_config, to_dict, to_yaml
 from lbr_ray.errors import CheckpointError, ConfigError, LbrError, find_lbr_error
+from lbr_ray import storage
+from lbr_ray.train import manifest
 
 log = logging.getLogger("lbr_ray")
 
@@ -63,6 +65,27 @@ class MetricsLog(UserCallback):
                 fh.write(json.dumps(metrics[0]) + "\n")
 
 
+class ManifestWriter(UserCallback):
+    """Writes manifest.json into each persisted checkpoint once every rank has uploaded its files (the last file
+    of a checkpoint; resume trusts only checkpoints that have it, see train/manifest.py)."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if checkpoint is None:
+            return
+        step = next((m.get("checkpoint_step") for m in metrics if m and "checkpoint_step" in m), None)
+        if manifest.write_manifest(checkpoint.filesystem, checkpoint.path, {"step": step}) is None:
+            log.warning("checkpoint %s: a rank's files are missing or truncated on the storage; no manifest, "
+                        "resume will not use it", checkpoint.path)
+
+
+def max_failures(cfg: LbrConfig) -> int:
+    """run.max_failures, or by default 3 worker-group restarts on a multi-node cluster and 0 on one machine (where
+    a crash is a bug to see, not a lost node)."""
+    if cfg.run.max_failures is not None:
+        return cfg.run.max_failures
+    return 3 if sum(1 for n in ray.nodes() if n.get("Alive")) > 1 else 0
+
+
 @dataclass
 class StageResult:
     stage: str
@@ -78,12 +101,24 @@ class StageResult:
         return rows[-1] if rows else {}
 
 
+def stage_paths(cfg: LbrConfig, stage: str) -> tuple[Path, str | None]:
+    """(local stage folder, its remote URI or None). With an s3:// / gs:// output the local folder is a staging
+    mirror: checkpoints go straight to the storage (Ray Train), the rest is uploaded at the end of the stage."""
+    out = cfg.run.output
+    if storage.is_remote(out):
+        return storage.staging_dir(out) / stage, storage.join(out, stage)
+    return Path(out).expanduser().resolve() / stage, None
+
+
 def check_output(cfg: LbrConfig, stage: str) -> Path:
     """The stage's folder; an existing run there is continued only with --resume, never overwritten."""
-    stage_dir = Path(cfg.run.output).expanduser().resolve() / stage
-    has_run = stage_dir.is_dir() and any(stage_dir.glob("checkpoint_*"))
+    stage_dir, uri = stage_paths(cfg, stage)
+    if uri is not None:
+        has_run, where = any(n.startswith("checkpoint_") for n in storage.list_dirs(uri)), uri
+    else:
+        has_run, where = stage_dir.is_dir() and any(stage_dir.glob("checkpoint_*")), str(stage_dir)
     if has_run and not cfg.run.resume:
-        raise ConfigError(f"{stage_dir} already holds a run: pass --resume to continue it, or choose another --output")
+        raise ConfigError(f"{where} already holds a run: pass --resume to continue it, or choose another --output")
     return stage_dir
 
 
@@ -104,19 +139,24 @@ def run_stage(cfg: LbrConfig, stage: str, train_fn, datasets: dict, init: str | 
     from lbr_ray.train.pg_cleaner import LbrTorchTrainer
 
     stage_dir = prepare_stage_dir(cfg, stage)
+    _, uri = stage_paths(cfg, stage)
+    if uri is not None:  # resumed: continue the metrics log where the storage has it
+        _fetch(storage.join(uri, "metrics.jsonl"), stage_dir / "metrics.jsonl")
+    fs, storage_path = storage.filesystem(uri.rsplit("/", 1)[0]) if uri else (None, str(stage_dir.parent))
     start = time.time()
     trainer = LbrTorchTrainer(
         train_fn,
-        train_loop_config={"cfg": to_dict(cfg), "t0": t0 or start, "stage_dir": str(stage_dir), "init": init,
-                           "quiet": quiet, **(extra or {})},
+        train_loop_config={"cfg": to_dict(cfg), "t0": t0 or start, "stage_dir": str(stage_dir), "stage_uri": uri,
+                           "init": init, "quiet": quiet, **(extra or {})},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+                                     resources_per_worker=worker_resources(cfg)),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),
-        run_config=RunConfig(name=stage, storage_path=str(stage_dir.parent),
+        run_config=RunConfig(name=stage, storage_path=storage_path, storage_filesystem=fs,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=0),
+                             failure_config=FailureConfig(max_failures=max_failures(cfg)),
                              logging_config=LoggingConfig(log_level="WARNING") if quiet else None,
-                             callbacks=[MetricsLog(stage_dir / "metrics.jsonl"), *(callbacks or [])]),
+                             callbacks=[MetricsLog(stage_dir / "metrics.jsonl"), ManifestWriter(),
+                                        *(callbacks or [])]),
         datasets=datasets,
     )
     try:
@@ -131,14 +171,34 @@ def run_stage(cfg: LbrConfig, stage: str, train_fn, datasets: dict, init: str | 
             raise err from None
         raise
     if result.checkpoint is None:
-        raise CheckpointError(f"stage {stage} finished without a checkpoint in {stage_dir}")
+        raise CheckpointError(f"stage {stage} finished without a checkpoint in {uri or stage_dir}")
     model_dir = stage_dir / "model"
     with result.checkpoint.as_directory() as d:
         if model_dir.exists():
             shutil.rmtree(model_dir)
         shutil.copytree(Path(d) / "hf", model_dir)
+    if uri is not None:
+        storage.upload_dir(stage_dir, uri)  # config.yaml, metrics.jsonl, model/ (+ TensorBoard from rank 0)
     metrics = read_metrics(stage_dir)
     return StageResult(stage, stage_dir, model_dir, metrics, time.time() - start)
+
+
+def worker_resources(cfg: LbrConfig) -> dict:
+    """CPUs per worker, plus one unit of `scaling.worker_resource` (a custom node resource) when set, so a
+    cluster can pin Train workers to the nodes that carry it (e.g. one worker per node)."""
+    res = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.worker_resource:
+        res[cfg.scaling.worker_resource] = 1
+    return res
+
+
+def _fetch(src: str, dest: Path) -> None:
+    from pyarrow import fs as pafs
+
+    fs, p = storage.filesystem(src)
+    if fs.get_file_info(p).type == pafs.FileType.File:
+        with fs.open_input_stream(p) as fh:
+            dest.write_bytes(fh.read())
 
 
 def read_metrics(stage_dir: Path) -> list[dict]:

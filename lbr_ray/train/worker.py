@@ -10,9 +10,12 @@ from pathlib import Path
 import ray.train
 import torch
 
+from lbr_ray import storage
 from lbr_ray.config import config_from_dict
+from lbr_ray.errors import CheckpointError
 from lbr_ray.layout import collate_columns
 from lbr_ray.train import checkpoint as ckpt
+from lbr_ray.train import manifest
 from lbr_ray.train.checkpoint import LoopState
 from lbr_ray.train.console import worker_console
 from lbr_ray.train.telemetry import Telemetry
@@ -34,13 +37,30 @@ class PadCollate(NumpyBatchCollateFn):
         return collate_columns(batch, self.prefixes, self.pad_id, self.length)
 
 
+class UploadedTelemetry(Telemetry):
+    """Telemetry whose TensorBoard folder is copied to the remote output when the stage ends."""
+
+    def __init__(self, *args, dest: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dest = dest
+
+    def close(self) -> None:
+        super().close()
+        if self.writer is not None:
+            from lbr_ray.storage import upload_dir
+
+            upload_dir(self.writer.log_dir, self.dest)
+
+
 class WorkerRun:
     def __init__(self, config: dict, stage: str):
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         self.cfg = config_from_dict(config["cfg"])
         self.stage, self.t0 = stage, config.get("t0")
-        self.stage_dir = Path(config["stage_dir"])
+        self.stage_dir = Path(config["stage_dir"])  # with a remote output: a local mirror, uploaded by the driver
+        self.stage_uri = config.get("stage_uri")
+        storage.configure(self.cfg.run.storage_endpoint)
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.quiet = bool(config.get("quiet", False))
@@ -48,6 +68,8 @@ class WorkerRun:
         self.mark("worker_start")
         worker_console(self.stage_dir, self.rank, self.quiet)
         torch.manual_seed(self.cfg.run.seed)
+        print(f"[lbr] {stage}: rank {self.rank} of {self.world} on node {ray.get_runtime_context().get_node_id()}",
+              flush=True)
 
     def batches(self, prefixes: list[str], batch_size: int, pad_id: int, name: str = "train",
                 length: int | None = None):
@@ -78,8 +100,11 @@ class WorkerRun:
         from lbr_ray.train.flops import device_peak_flops
 
         peak = device_peak_flops(None, DTYPES[self.cfg.model.dtype], self.cfg.scaling.peak_tflops)
-        return Telemetry(self.stage, max_steps, self.rank, tb, state.step, self.t0, bar=not self.quiet,
-                         peak_flops=peak, marks=self.marks)
+        kwargs = {"bar": not self.quiet, "peak_flops": peak, "marks": self.marks}
+        if self.stage_uri:  # rank 0 may sit on another node than the driver: it uploads its own event files
+            return UploadedTelemetry(self.stage, max_steps, self.rank, tb, state.step, self.t0,
+                                     dest=f"{self.stage_uri}/tensorboard", **kwargs)
+        return Telemetry(self.stage, max_steps, self.rank, tb, state.step, self.t0, **kwargs)
 
     def report(self, metrics: dict) -> None:
         ray.train.report(metrics)
@@ -87,16 +112,31 @@ class WorkerRun:
     def checkpoint(self, engine, model, tokenizer, state: LoopState, metrics: dict | None = None) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             ckpt.save(engine, model, tokenizer, self.cfg, self.stage, state, Path(tmp), self.rank)
+            manifest.write_rank_files(Path(tmp), self.rank)  # the controller's manifest.json is written last
             ray.train.report({**(metrics or {}), "step": state.step, "checkpoint_step": state.step},
                              checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def resume(self, engine) -> LoopState:
+        """Continue from Ray's latest checkpoint (a --resume or an automatic restart after a lost worker), or
+        from the newest complete one before it when its files were truncated or partly deleted."""
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return LoopState()
+        chosen, skipped = manifest.newest_complete(checkpoint.filesystem, checkpoint.path)
+        if chosen is None:
+            raise CheckpointError(f"no complete checkpoint next to {checkpoint.path}: {'; '.join(skipped)}; "
+                                  "start a new run in another --output")
+        if chosen != checkpoint.path:
+            checkpoint = ray.train.Checkpoint(chosen, filesystem=checkpoint.filesystem)
+        for line in skipped if self.rank == 0 else []:
+            print(f"[lbr] {self.stage}: {line}: resuming from {Path(chosen).name}", flush=True)
         with checkpoint.as_directory() as d:
+            bad = manifest.hash_problem(Path(d))
+            if bad:
+                raise CheckpointError(f"{checkpoint.path}: {bad}; remove that checkpoint folder to resume from "
+                                      "the one before it")
             state = ckpt.load(engine, Path(d), self.rank)
-        ray.train.report({"resumed_at_step": state.step})  # marks the restart in metrics.jsonl
+        ray.train.report({"resumed_at_step": state.step, "resumed_time": time.time()})  # marks the restart
         if self.rank == 0:
             log.info("%s: resumed from %s at step %d", self.stage, checkpoint.path, state.step)
         return state

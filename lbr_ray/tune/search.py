@@ -147,10 +147,18 @@ def build_tuner(cfg: LbrConfig, sweep: Path, callbacks: list | None = None) -> t
                                   num_samples=t.num_samples, max_concurrent_trials=tune_limit,
                                   trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
     callbacks = [ReleaseStoppedTrials(sweep / "trials"), *(callbacks or [])]
+    failures = tune.FailureConfig(max_failures=trial_failures(cfg))
     run_config = tune.RunConfig(name=EXPERIMENT, storage_path=str(sweep), callbacks=callbacks,
-                                failure_config=tune.FailureConfig(max_failures=t.max_failures), verbose=1)
+                                failure_config=failures, verbose=1)
     return tune.Tuner(trainable(cfg, sweep), param_space=param_space(cfg), tune_config=tune_config,
                       run_config=run_config)
+
+
+def trial_failures(cfg: LbrConfig) -> int:
+    """tune.max_failures, else run.max_failures's rule: a failed trial is retried (from its checkpoints)."""
+    from lbr_ray.train.launcher import max_failures
+
+    return cfg.tune.max_failures if cfg.tune.max_failures is not None else max_failures(cfg)
 
 
 def sweep_dir(cfg: LbrConfig) -> Path:
@@ -199,12 +207,14 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 def run_sweep(cfg: LbrConfig, resume: bool = False, address: str | None = None,
               callbacks: list | None = None, t0: float | None = None) -> dict:
     """Run (or resume) the sweep, then write the table, plots, best config and the best trial's test eval."""
+    from lbr_ray.recipes.preflight import preflight
     from lbr_ray.train.launcher import ensure_ray, print_config
     from lbr_ray.tune.analysis import write_outputs
 
     t0 = t0 or time.time()
     sweep = check_sweep_folder(cfg, resume)
     print_config(cfg)
+    preflight(replace(cfg, run={"output": str(sweep)}))  # bad data, model or output: one line, before Ray
     sweep.mkdir(parents=True, exist_ok=True)
     if not resume:
         save_config(cfg, sweep / "sweep_config.yaml")

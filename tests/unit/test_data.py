@@ -135,3 +135,21 @@ def test_layouts(model_dirs):
     assert set(seg2) == {SINK, X}  # gl-cl: plain LM rows, no bottleneck
     e_ids, e_seg = sb.embed_rows(["one two"])[0]
     assert e_seg[-1] == B and Y not in e_seg
+
+
+def test_hf_datasets_save_to_disk_folder(tmp_path):
+    """`--data DIR` where DIR is a `datasets` save_to_disk folder (Dataset or DatasetDict): its Arrow files, rows
+    checked like any record (row number as line)."""
+    import datasets
+
+    rows = {"query": [f"question {i}" for i in range(12)], "positive": [f"answer {i}" for i in range(12)]}
+    datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "ds"))
+    files = resolve_paths(str(tmp_path / "ds"), "pairs")
+    assert files and all(f.endswith(".arrow") for f in files)
+    got = list(read_all(str(tmp_path / "ds"), "pairs"))
+    assert [r["query"] for r in got] == rows["query"] and got[3]["_line"] == 4
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows),
+                               "test": datasets.Dataset.from_dict({"query": ["q"], "positive": [7]})})
+    dd.save_to_disk(str(tmp_path / "dd"))
+    with pytest.raises(DataError, match=r"\.arrow:1: bad pairs record: field 'positive' must be a string"):
+        list(read_all(str(tmp_path / "dd"), "pairs"))

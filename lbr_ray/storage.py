@@ -1,0 +1,180 @@
+"""Local paths and remote URIs (s3://, gs://) behind one small API, through pyarrow filesystems (no Ray).
+
+    fs, path = filesystem("s3://bucket/runs/demo")     # pyarrow.fs.S3FileSystem, "bucket/runs/demo"
+    with open_binary("s3://bucket/data/pairs.jsonl.gz") as fh: ...
+
+S3 endpoint and credentials come from the usual AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
+AWS_DEFAULT_REGION, AWS_ENDPOINT_URL for an S3-compatible server such as MinIO) or from `run.storage_endpoint` in the
+config (exported as AWS_ENDPOINT_URL by `configure`); GCS uses the Google application-default credentials.
+"""
+from __future__ import annotations
+
+import contextlib
+import gzip
+import io
+import os
+import posixpath
+from pathlib import Path
+
+from lbr_ray.errors import ConfigError
+
+REMOTE = ("s3://", "gs://", "gcs://")
+TIMEOUT_S = 10.0  # connect/request timeout: an unreachable endpoint fails in seconds, not after minutes of retries
+
+
+def is_remote(path: str | os.PathLike | None) -> bool:
+    return str(path or "").startswith(REMOTE)
+
+
+def configure(endpoint: str = "") -> None:
+    """Make `run.storage_endpoint` the S3 endpoint of this process and of Ray workers started from it."""
+    if endpoint:
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
+
+
+def _s3(endpoint: str | None):
+    from pyarrow import fs
+
+    kwargs: dict = {"connect_timeout": TIMEOUT_S, "request_timeout": TIMEOUT_S,
+                    "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=2)}
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
+    region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
+    if region:
+        kwargs["region"] = region
+    return fs.S3FileSystem(**kwargs)
+
+
+def filesystem(path: str | os.PathLike):
+    """(pyarrow FileSystem, path inside it) for a local path or an s3:// / gs:// URI."""
+    from pyarrow import fs
+
+    path = str(path)
+    if path.startswith("s3://"):
+        return _s3(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")), path[5:].rstrip("/")
+    if path.startswith(("gs://", "gcs://")):
+        return fs.GcsFileSystem(), path.split("://", 1)[1].rstrip("/")
+    return fs.LocalFileSystem(), str(Path(path).expanduser().resolve())
+
+
+def join(base: str, *parts: str) -> str:
+    return posixpath.join(base, *parts) if is_remote(base) else str(Path(base, *parts))
+
+
+def uri(fs_path: str, like: str) -> str:
+    """The URI of `fs_path` (a path inside the filesystem of `like`)."""
+    return like.split("://", 1)[0] + "://" + fs_path if is_remote(like) else fs_path
+
+
+@contextlib.contextmanager
+def open_binary(path: str):
+    """A readable binary stream of a local file or a remote object; `.gz` files are decompressed."""
+    if is_remote(path):
+        fs, p = filesystem(path)
+        stream = io.BufferedReader(_RawStream(fs.open_input_stream(p, compression=None)), 1 << 20)
+    else:
+        stream = open(path, "rb")
+    try:
+        yield gzip.GzipFile(fileobj=stream) if path.endswith(".gz") else stream
+    finally:
+        stream.close()
+
+
+class _RawStream(io.RawIOBase):
+    """A pyarrow input stream as a raw io stream (so io.BufferedReader gives it readline(limit))."""
+
+    def __init__(self, native):
+        self.native = native
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        data = self.native.read(len(buffer))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        self.native.close()
+        super().close()
+
+
+def file_info(path: str):
+    """pyarrow FileInfo of `path`; a remote store that cannot be reached is a one-line ConfigError."""
+    fs, p = filesystem(path)
+    try:
+        return fs.get_file_info(p)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot reach the storage ({_first_line(e)}); check AWS_ENDPOINT_URL / "
+                          "run.storage_endpoint and the credentials") from None
+
+
+def list_files(path: str) -> list[str]:
+    """Every file under a folder (recursively), as URIs for remote folders, sorted."""
+    from pyarrow import fs as pafs
+
+    fs, p = filesystem(path)
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=True))
+    return sorted(uri(i.path, path) for i in infos if i.type == pafs.FileType.File)
+
+
+def list_dirs(path: str) -> list[str]:
+    """Names of the folders directly in `path` (none if it does not exist); unreachable storage: ConfigError."""
+    from pyarrow import fs as pafs
+
+    if file_info(path).type != pafs.FileType.Directory:
+        return []
+    fs, p = filesystem(path)
+    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(p)) if i.type == pafs.FileType.Directory)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def upload_dir(local: str | Path, dest: str) -> None:
+    """Copy a local folder's files to a remote folder (overwriting files of the same name)."""
+    from pyarrow import fs as pafs
+
+    fs, p = filesystem(dest)
+    pafs.copy_files(str(local), p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+
+
+def download_dir(src: str, local: str | Path) -> Path:
+    """Copy a remote folder to a local folder; returns the local folder."""
+    from pyarrow import fs as pafs
+
+    fs, p = filesystem(src)
+    Path(local).mkdir(parents=True, exist_ok=True)
+    pafs.copy_files(p, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return Path(local)
+
+
+def staging_dir(uri: str) -> Path:
+    """The local folder that mirrors a remote output (metrics, TensorBoard, final model are uploaded from it)."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha1(uri.encode()).hexdigest()[:12]
+    return Path(os.environ.get("LBR_STAGING", Path(tempfile.gettempdir()) / "lbr-staging")) / key
+
+
+_COPIES: dict[str, str] = {}
+
+
+def local_copy(path: str) -> str:
+    """A local folder for `path`: itself, or a fresh download of a remote model folder (--init, eval --model),
+    made once per process."""
+    import tempfile
+
+    if not is_remote(path):
+        return path
+    if path not in _COPIES:
+        info = file_info(path)
+        from pyarrow import fs as pafs
+
+        if info.type == pafs.FileType.NotFound:
+            raise ConfigError(f"{path} does not exist")
+        _COPIES[path] = str(download_dir(path, tempfile.mkdtemp(prefix="lbr-model-")))
+    return _COPIES[path]

@@ -1,0 +1,145 @@
+"""Two Ray nodes on 127.0.0.1 and an S3 server (moto, server mode) started and stopped by this test, by pid.
+
+One integration run checks, as a user would run it (`lbr train --address ... --output s3://...` in a subprocess):
+- the data comes from S3 (`--data s3://bucket/data/medical`), checkpoints go to S3 (Ray Train storage_filesystem);
+- the 2 Train workers sit one per node (custom resource `lbr_worker`, 1 per node);
+- the run is stopped (Ctrl-C) after its second checkpoint; the newest checkpoint in S3 is then damaged (a file
+  deleted); `--resume` names it in one line, resumes from the previous complete checkpoint, reaches max_steps and
+  writes the final model, metrics, TensorBoard and summary.json to S3.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+BUCKET = "lbr-test"
+STEPS = 16
+
+
+def stop_pids(pids: list[int]) -> None:
+    procs = []
+    for pid in pids:
+        try:
+            p = psutil.Process(pid)
+            procs += [p, *p.children(recursive=True)]
+        except psutil.Error:
+            continue
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+
+
+@pytest.fixture(scope="module")
+def bucket(s3_server):
+    """The bucket, with the demo's medical data in it."""
+    import boto3
+
+    from lbr_ray import storage
+
+    boto3.client("s3").create_bucket(Bucket=BUCKET)
+    storage.upload_dir(ROOT / "data" / "demo" / "medical", f"s3://{BUCKET}/data/medical")
+    return s3_server
+
+
+@pytest.fixture(scope="module")
+def two_nodes(bucket, tmp_path_factory):
+    """A Ray head and a second node (`ray start`), each with 2 CPUs and one `lbr_worker`, in their own temp dir;
+    stopped by pid (never `ray stop`, which would stop other Ray instances on the machine)."""
+    temp = Path(f"/tmp/lbr2n-{os.getpid()}")
+    port = free_port()
+    env = {**os.environ, **bucket, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    common = ["--num-cpus=2", '--resources={"lbr_worker": 1}', "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    head = [ray_bin, "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=false", *common]
+    subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
+    subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", *common], env=env, check=True,
+                   capture_output=True, timeout=120)
+    try:
+        yield {"address": f"127.0.0.1:{port}", "env": env}
+    finally:
+        ours = [p.pid for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
+        stop_pids(ours)
+
+
+def lbr(env: dict, *args: str) -> subprocess.Popen:
+    code = "from cli.main import main; import sys; sys.argv = ['lbr'] + sys.argv[1:]; main()"
+    return subprocess.Popen([sys.executable, "-c", code, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def test_two_nodes_checkpoint_to_s3_resume_from_s3_past_a_damaged_checkpoint(two_nodes, tmp_path):
+    from pyarrow import fs as pafs
+
+    from lbr_ray import storage
+
+    out = f"s3://{BUCKET}/run"
+    args = ["train", "--stage", "ib-gl", "--config", "configs/demo.yaml", "--address", two_nodes["address"],
+            "--data", f"s3://{BUCKET}/data/medical", "--output", out, "--num-workers", "2"]
+    for o in ("data.max_input_tokens=48", "data.max_target_tokens=48", "ib_gl.batch_size=8", f"ib_gl.max_steps={STEPS}",
+              "ib_gl.log_every=1", "ib_gl.checkpoint_every=4", "run.self_check=false", "scaling.worker_resource=lbr_worker"):
+        args += ["--set", o]
+    fs, stage = storage.filesystem(f"{out}/ib_gl")
+
+    def manifests() -> list[str]:
+        try:
+            infos = fs.get_file_info(pafs.FileSelector(stage, recursive=True, allow_not_found=True))
+        except OSError:
+            return []
+        return sorted(i.path.rsplit("/", 2)[-2] for i in infos if i.base_name == "manifest.json")
+
+    t0 = time.time()
+    first = lbr(two_nodes["env"], *args)
+    while len(manifests()) < 2 and first.poll() is None and time.time() - t0 < 600:
+        time.sleep(0.5)
+    os.killpg(first.pid, signal.SIGINT)
+    log1 = first.communicate(timeout=120)[0]
+    t_first = time.time() - t0
+    nodes = {line.rsplit(" ", 1)[-1] for line in log1.splitlines() if "on node" in line}
+    assert len(nodes) == 2, log1[-3000:]  # one Train worker per node
+    complete = manifests()
+    assert len(complete) >= 2, log1[-3000:]
+    newest, previous = complete[-1], complete[-2]
+    fs.delete_file(f"{stage}/{newest}/hf/model.safetensors")  # a partly deleted checkpoint
+    with fs.open_input_stream(f"{stage}/{previous}/state.json") as fh:
+        previous_step = json.loads(fh.read())["step"]
+
+    t1 = time.time()
+    second = lbr(two_nodes["env"], *args, "--resume")
+    log2 = second.communicate(timeout=900)[0]
+    t_second = time.time() - t1
+    assert second.returncode == 0, log2[-4000:]
+    assert f"{newest} is incomplete (hf/model.safetensors is missing): resuming from {previous}" in log2
+    metrics = [json.loads(line) for line in
+               fs.open_input_stream(f"{stage}/metrics.jsonl").read().decode().splitlines() if line.strip()]
+    resumed = [m for m in metrics if "resumed_at_step" in m]
+    assert resumed and resumed[-1]["resumed_at_step"] == previous_step
+    after = [m["step"] for m in metrics[metrics.index(resumed[-1]):] if "loss" in m]
+    assert after == list(range(previous_step + 1, STEPS + 1))
+    names = {i.path.split(f"{stage}/", 1)[1] for i in
+             fs.get_file_info(pafs.FileSelector(stage, recursive=True)) if i.type == pafs.FileType.File}
+    assert {"model/model.safetensors", "model/lbr_ray.json", "config.yaml"} <= names
+    assert any(n.startswith("tensorboard/events.") for n in names)
+    assert fs.get_file_info(f"{BUCKET}/run/summary.json").type == pafs.FileType.File
+    print(f"\n[two nodes + s3] first part {t_first:.0f}s (stopped after {len(complete)} checkpoints), resume "
+          f"{t_second:.0f}s from step {previous_step} past damaged {newest}")

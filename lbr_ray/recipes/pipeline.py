@@ -43,15 +43,19 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
         results["ib_gl"] = run_stage(cfg, "ib_gl", ib_gl.train_fn, ds, t0=t0)
         _print_stage(results["ib_gl"])
         init = str(results["ib_gl"].model_dir)
+    context = None
     if stage in ("gr-cl", "all"):
-        results["gr_cl"] = _run_gr_cl(cfg, init, t0, match_compute, stage2_callbacks)
-    _write_summary(cfg, summary, results, time.time() - t0)
+        results["gr_cl"], context = _run_gr_cl(cfg, init, t0, match_compute, stage2_callbacks)
+    _write_summary(cfg, summary, results, time.time() - t0, context)
+    if context:
+        print(context["line"], flush=True)
     return results
 
 
 def _run_gr_cl(cfg: LbrConfig, init: str | None, t0: float, match_compute: bool,
-               callbacks: list | None = None) -> StageResult:
-    from lbr_ray.eval.sets import build_eval_set_from_files
+               callbacks: list | None = None) -> tuple[StageResult, dict | None]:
+    """GR-CL, then (when the run measured dev R@10) BM25 on the same dev set: (result, {..., "line"} or None)."""
+    from lbr_ray.eval.sets import dev_eval_set
     from lbr_ray.recipes import gr_cl
     from lbr_ray.train.checkpoint import hf_dir
 
@@ -60,9 +64,7 @@ def _run_gr_cl(cfg: LbrConfig, init: str | None, t0: float, match_compute: bool,
         print(f"[lbr] match-compute: cl gets {steps} stage-2 steps (= the two-stage variants' compute)", flush=True)
         cfg = replace(cfg, gr_cl={"max_steps": steps})
     init = str(hf_dir(init)) if init else None
-    dev = build_eval_set_from_files(list(cfg.data.pairs), list(cfg.data.corpus), split=cfg.data.split,
-                                    max_queries=cfg.gr_cl.eval_queries, max_corpus=cfg.gr_cl.eval_corpus,
-                                    seed=cfg.run.seed, which="dev")
+    dev = dev_eval_set(cfg)
     dev_payload = {"queries": dev.queries, "docs": dev.doc_texts, "qrels": [q.tolist() for q in dev.qrels]}
     ds = {"train": ray_data.stage2_dataset(cfg, init or cfg.model.name)}
     res = run_stage(cfg, "gr_cl", gr_cl.train_fn, ds, init=init, extra={"dev": dev_payload}, t0=t0,
@@ -73,7 +75,20 @@ def _run_gr_cl(cfg: LbrConfig, init: str | None, t0: float, match_compute: bool,
         print(f"[lbr] dev R@10: {devs[0]['dev_recall@10']:.4f} at step {devs[0]['step']} -> "
               f"{devs[-1]['dev_recall@10']:.4f} at step {devs[-1]['step']} "
               f"({len(dev.queries)} dev queries, {len(dev.doc_texts)} passages)", flush=True)
-    return res
+    return res, (bm25_context(devs[-1]["dev_recall@10"], dev) if devs else None)
+
+
+def bm25_context(model_recall: float, dev) -> dict:
+    """The trained model's dev R@10 next to BM25's on the same dev set, as one line a newcomer can read."""
+    from lbr_ray.eval.baselines import bm25_dev_recall
+
+    bm25 = bm25_dev_recall(dev.queries, dev.doc_texts, dev.qrels)
+    verdict = "beats" if model_recall > bm25 else "does not beat"
+    line = (f"[lbr] result: dev R@10 {model_recall:.3f} for this model vs {bm25:.3f} for BM25 (keyword search, "
+            f"no training) on the same {len(dev.queries)} dev queries and {len(dev.doc_texts)} passages: the model "
+            f"{verdict} BM25 (R@10 = share of each query's relevant passages found in its top 10)")
+    return {"dev_recall@10": model_recall, "bm25_dev_recall@10": bm25, "dev_queries": len(dev.queries),
+            "dev_passages": len(dev.doc_texts), "line": line}
 
 
 def matched_steps(cfg: LbrConfig, sample: int = 512) -> int:
@@ -123,7 +138,8 @@ def _print_stage(res: StageResult) -> None:
     print(f"[lbr] {res.stage} done in {res.wall_s:.1f}s: {figures}; model: {res.model_dir}", flush=True)
 
 
-def _write_summary(cfg: LbrConfig, data, results: dict[str, StageResult], wall_s: float) -> None:
+def _write_summary(cfg: LbrConfig, data, results: dict[str, StageResult], wall_s: float,
+                   context: dict | None = None) -> None:
     out = Path(cfg.run.output).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     dev = {k: [m for m in r.metrics if "dev_recall@10" in m] for k, r in results.items()}
@@ -134,6 +150,8 @@ def _write_summary(cfg: LbrConfig, data, results: dict[str, StageResult], wall_s
            "stages": {k: {"model": str(r.model_dir), "wall_s": r.wall_s, "last": r.last,
                           "dev": dev[k][-1] if dev[k] else None, "dev_step0": dev[k][0] if dev[k] else None}
                       for k, r in results.items()}}
+    if context:
+        doc["dev_vs_bm25"] = {k: v for k, v in context.items() if k != "line"}
     (out / "summary.json").write_text(json.dumps(doc, indent=2, default=str))
 
 

@@ -60,7 +60,7 @@ class KMeasurement:
                f"  per-text k (the run's model): dev R@10 {self.per_text:.4f}"
                + (f" (the run logged {self.logged:.4f})" if self.logged is not None else "")]
         for k, value in sorted(self.fixed.items()):
-            mark = "  <- exported" if k == self.chosen else ""
+            mark = "  <- chosen" if k == self.chosen else ""
             out.append(f"  fixed k={k}: dev R@10 {value:.4f} ({value - self.per_text:+.4f}){mark}")
         return out
 

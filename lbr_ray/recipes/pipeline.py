@@ -19,8 +19,10 @@ from lbr_ray.train.launcher import StageResult, check_output, ensure_ray, print_
 
 def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address: str | None = None,
           t0: float | None = None, match_compute: bool = False,
-          stage2_callbacks: list | None = None) -> dict[str, StageResult]:
-    """Run the requested stage(s) and write <output>/summary.json. `stage2_callbacks` go to the GR-CL trainer."""
+          stage2_callbacks: list | None = None, announce: bool = True) -> dict[str, StageResult]:
+    """Run the requested stage(s) and write <output>/summary.json. `stage2_callbacks` go to the GR-CL trainer.
+    With GR-CL, the summary's `dev_vs_bm25` holds the model's dev R@10 next to BM25's on the same dev set, and
+    `announce` prints it as one line (the CLI prints it itself, last, after Ray has flushed the workers' logs)."""
     t0 = t0 or time.time()
     if stage == "gr-cl" and init is None and cfg.run.variant != "cl":
         raise ConfigError("--stage gr-cl starts from a stage-1 model: pass --init RUN/ib_gl/model (or --variant cl)")
@@ -47,7 +49,7 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
     if stage in ("gr-cl", "all"):
         results["gr_cl"], context = _run_gr_cl(cfg, init, t0, match_compute, stage2_callbacks)
     _write_summary(cfg, summary, results, time.time() - t0, context)
-    if context:
+    if context and announce:
         print(context["line"], flush=True)
     return results
 
@@ -151,7 +153,7 @@ def _write_summary(cfg: LbrConfig, data, results: dict[str, StageResult], wall_s
                           "dev": dev[k][-1] if dev[k] else None, "dev_step0": dev[k][0] if dev[k] else None}
                       for k, r in results.items()}}
     if context:
-        doc["dev_vs_bm25"] = {k: v for k, v in context.items() if k != "line"}
+        doc["dev_vs_bm25"] = context
     (out / "summary.json").write_text(json.dumps(doc, indent=2, default=str))
 
 

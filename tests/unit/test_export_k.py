@@ -64,7 +64,7 @@ def test_export_measures_every_fixed_k_against_the_per_text_k(r_run, best_export
     assert choice["dev_queries"] == len(dev.queries) == 40
     per_text = recall_at_10(lambda t: Encoder.from_pretrained(folder).encode(t), dev)  # the run's own model
     assert choice["dev_recall@10_per_text_k"] == pytest.approx(per_text)
-    assert any("per-text k" in line for line in lines) and any("<- exported" in line for line in lines)
+    assert any("per-text k" in line for line in lines) and any("<- chosen" in line for line in lines)
     assert json.loads((out / "lbr_ray.json").read_text())["k"] == choice["k"]
 
 

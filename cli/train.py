@@ -86,7 +86,22 @@ def train(
                               variant=variant)
     from lbr_ray.recipes.pipeline import train as run_train  # imports Ray, torch: after the cheap checks
     run_train(cfg, stage=stage, init=str(init) if init else None, address=address, t0=t0,
-              match_compute=match_compute, quiet=not verbose)
+              match_compute=match_compute, quiet=not verbose, announce=False)
+    print_result_last(Path(cfg.run.output))
+
+
+def print_result_last(output: Path) -> None:
+    """The run's closing line (dev R@10 next to BM25's), printed after Ray has shut down and flushed the workers'
+    log lines, so it is the last thing on the console."""
+    import json
+
+    import ray
+
+    ray.shutdown()
+    summary = output.expanduser() / "summary.json"
+    line = json.loads(summary.read_text()).get("dev_vs_bm25", {}).get("line") if summary.is_file() else None
+    if line:
+        typer.echo(line)
 
 
 def register(app: typer.Typer) -> None:

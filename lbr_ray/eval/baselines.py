@@ -89,3 +89,11 @@ class BM25Retriever:
         rows, scores = retriever.retrieve(q_tokens, k=min(k, len(docs)), show_progress=False,
                                           n_threads=self.threads)
         return np.asarray(scores, dtype=np.float32), np.asarray(rows, dtype=np.int64)
+
+
+def bm25_dev_recall(queries: list[str], docs: list[str], qrels, k: int = 10) -> float:
+    """BM25's mean recall@k on an eval set (e.g. a run's dev set): the context for a trained model's number."""
+    from lbr_ray.eval.metrics import dev_metrics
+
+    _, rows = BM25Retriever().retrieve(queries, docs, k)
+    return dev_metrics(rows, qrels, ks=(k,))[f"recall@{k}"]

@@ -147,6 +147,14 @@ def build_eval_set_from_files(pairs: list[str], corpus: list[str], domain: str =
     return _build(domain, resolve_paths(pairs, "pairs"), corpus_files, split, max_queries, max_corpus, seed, which)
 
 
+def dev_eval_set(cfg) -> EvalSet:
+    """The run's in-training dev set (what GR-CL's dev R@10 is measured on): the config's pairs and corpus, its
+    split, `gr_cl.eval_queries` / `gr_cl.eval_corpus` caps and `run.seed`. Export measures k on the same set."""
+    return build_eval_set_from_files(list(cfg.data.pairs), list(cfg.data.corpus), split=cfg.data.split,
+                                     max_queries=cfg.gr_cl.eval_queries, max_corpus=cfg.gr_cl.eval_corpus,
+                                     seed=cfg.run.seed, which="dev")
+
+
 def _build(domain, pairs_src, corpus_src, split, max_queries, max_corpus, seed, which) -> EvalSet:
     grouped = _split_queries(pairs_src, split, which)
     queries = list(grouped)
@@ -183,5 +191,5 @@ def _build(domain, pairs_src, corpus_src, split, max_queries, max_corpus, seed, 
     )
 
 
-__all__ = ["EvalSet", "EvalSetError", "build_eval_set", "build_eval_set_from_files", "difficulty",
+__all__ = ["EvalSet", "EvalSetError", "build_eval_set", "build_eval_set_from_files", "dev_eval_set", "difficulty",
            "available_domains"]

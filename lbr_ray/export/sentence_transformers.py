@@ -4,9 +4,10 @@
   the tokenizer's post-processor appends `[sink] text [b_1..b_k]`, pooling takes the last token, then L2 norm.
 
 That second form needs a fixed k. With R-based k (k = clamp(ceil(n / R), k_min, k_max)) the number of bottleneck
-tokens depends on the text's length, which a static tokenizer template cannot express: export pins k only when
-every admissible length gives the same k; otherwise it asks for `--k N` (a deliberate, documented change of the
-model's input) or for lbr_ray.Encoder, which handles R-based k exactly.
+tokens depends on the text's length, which a static tokenizer template cannot express. When every admissible length
+gives the same k, export pins it (exact). Otherwise export measures (lbr_ray.export.fixed_k): dev R@10 of the run's
+per-text k against each fixed k on the run's dev set, exports the best fixed k (or the `--k N` asked for), prints
+what it loses and refuses a loss above `max_loss` unless forced; lbr_ray.Encoder keeps R-based k exact.
 """
 from __future__ import annotations
 
@@ -14,9 +15,9 @@ import json
 import shutil
 from pathlib import Path
 
-from lbr_ray.layout import num_bottleneck
 from lbr_ray.errors import LbrError
-from lbr_ray.model.encoder import CARD, bottleneck_from_card
+from lbr_ray.export.fixed_k import DEFAULT_MAX_LOSS, admissible_ks, check_loss, find_run_config, measure
+from lbr_ray.model.encoder import CARD
 from lbr_ray.train.checkpoint import local_hf_dir
 
 MODULES = [
@@ -26,22 +27,22 @@ MODULES = [
 ]
 
 
-def fixed_k(card: dict, k: int | None = None) -> int:
-    """The k the exported tokenizer appends: `k`, the card's fixed k, or the one k every length maps to."""
-    if k is not None:
-        if not 1 <= k <= card["k_max"]:
-            raise LbrError(f"--k must be between 1 and {card['k_max']} (the model's bottleneck tokens), got {k}")
-        return k
-    cfg = bottleneck_from_card(card)
-    ks = {num_bottleneck(n, cfg) for n in range(1, card["max_input_tokens"] + 1)}
-    if len(ks) > 1:
-        raise LbrError(f"this model's k follows R={card['ratio']} and varies with text length ({sorted(ks)}); "
-                          "sentence-transformers needs a fixed k: pass --k N, or embed with lbr_ray.Encoder")
-    return ks.pop()
+def fixed_k(card: dict, k: int | None = None) -> int | None:
+    """The k the exported tokenizer appends when no measurement is needed: the card's one k (a fixed k, or R-based
+    k that every admissible length maps to) when `k` is None or equal to it; None when export must measure."""
+    if k is not None and not 1 <= k <= card["k_max"]:
+        raise LbrError(f"--k must be between 1 and {card['k_max']} (the model's bottleneck tokens), got {k}")
+    ks = admissible_ks(card)
+    if len(ks) == 1 and k in (None, ks[0]):
+        return ks[0]
+    return None
 
 
-def export(checkpoint: str | Path, out: str | Path, k: int | None = None) -> Path:
-    """Write the merged HF model + sentence-transformers folder to `out`; returns it."""
+def export(checkpoint: str | Path, out: str | Path, k: int | None = None, max_loss: float = DEFAULT_MAX_LOSS,
+           force: bool = False, config: str | Path | None = None, log=print) -> Path:
+    """Write the merged HF model + sentence-transformers folder to `out`; returns it. With R-based k (or a `k`
+    other than the model's), the fixed k is measured first and the export refused if it loses more than
+    `max_loss` dev R@10 (unless `force`)."""
     from transformers import AutoConfig, AutoTokenizer
 
     src, out = local_hf_dir(checkpoint), Path(out)
@@ -49,9 +50,28 @@ def export(checkpoint: str | Path, out: str | Path, k: int | None = None) -> Pat
     if card["pooling"] != "last":
         raise LbrError("sentence-transformers export supports pooling=last only (mean over bottleneck tokens "
                           "needs lbr_ray.Encoder)")
-    k = fixed_k(card, k)
     if out.exists() and any(out.iterdir()):
         raise LbrError(f"--to {out} exists and is not empty; choose a new folder")
+    exact = fixed_k(card, k)
+    measured = None
+    if exact is None:
+        run_config = Path(config) if config else find_run_config(src)
+        if run_config is None and k is not None and force:
+            log(f"export: no run config next to {src}, so what k={k} costs is not measured (--force)")
+        else:
+            if run_config is None:
+                raise LbrError(f"this model's k follows R={card['ratio']} ({admissible_ks(card)} by length) and a "
+                               f"fixed k must be measured on the run's dev set, but no run config.yaml is next to "
+                               f"{src}: pass --config (the config the run trained with), or --k N --force")
+            measured = measure(src, card, k, run_config, log=log)
+            for line in measured.lines():
+                log(line)
+            log(f"export: fixed k={measured.chosen} changes dev R@10 by {-measured.loss:+.4f} against the run's "
+                f"per-text k (threshold --max-loss {max_loss})")
+            check_loss(measured, max_loss, force)
+            k = measured.chosen
+    else:
+        k = exact
     shutil.copytree(src, out, dirs_exist_ok=True)
     tok = AutoTokenizer.from_pretrained(src)
     _append_bottleneck(tok, card["bottleneck_ids"][:k], card["sink_id"] if "sink_id" in card else None)
@@ -66,9 +86,10 @@ def export(checkpoint: str | Path, out: str | Path, k: int | None = None) -> Pat
         "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False,
         "pooling_mode_weightedmean_tokens": False, "pooling_mode_lasttoken": True, "include_prompt": True}))
     (out / "2_Normalize").mkdir(exist_ok=True)
+    choice = {"exact": exact is not None, **(measured.to_dict() if measured else {})}
     (out / "config_sentence_transformers.json").write_text(json.dumps(
-        {"similarity_fn_name": "cosine", "lbr_ray": {"k": k, "source": str(src)}}))
-    card_out = {**card, "k": k, "exported_for": "sentence-transformers"}
+        {"similarity_fn_name": "cosine", "lbr_ray": {"k": k, "source": str(src), **choice}}))
+    card_out = {**card, "k": k, "exported_for": "sentence-transformers", "export_k_choice": choice}
     (out / CARD).write_text(json.dumps(card_out, indent=2))
     return out
 

@@ -24,9 +24,11 @@ from lbr_ray.train.launcher import StageResult, check_output, ensure_ray, print_
 
 def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address: str | None = None,
           t0: float | None = None, match_compute: bool = False,
-          stage2_callbacks: list | None = None, quiet: bool = False) -> dict[str, StageResult]:
+          stage2_callbacks: list | None = None, quiet: bool = False, announce: bool = True) -> dict[str, StageResult]:
     """Run the requested stage(s) and write <output>/summary.json. `stage2_callbacks` go to the GR-CL trainer.
-    `quiet`: the console shows lbr's progress, metrics, warnings and errors; the rest goes to log files."""
+    `quiet`: the console shows lbr's progress, metrics, warnings and errors; the rest goes to log files.
+    With GR-CL, the summary's `dev_vs_bm25` holds the model's dev R@10 next to BM25's on the same dev set, and
+    `announce` prints it as one line (the CLI prints it itself, last, after Ray has flushed the workers' logs)."""
     t0 = t0 or time.time()
     if storage.is_remote(cfg.run.output) and not cfg.run.storage_endpoint and os.environ.get("AWS_ENDPOINT_URL"):
         cfg = replace(cfg, run={"storage_endpoint": os.environ["AWS_ENDPOINT_URL"]})  # workers get it with cfg
@@ -59,16 +61,21 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
         init = str(results["ib_gl"].model_dir)
         if storage.is_remote(cfg.run.output):  # workers on other nodes read stage 1's model from the storage
             init = storage.join(cfg.run.output, "ib_gl", "model")
+    context = None
     if stage in ("gr-cl", "all"):
-        results["gr_cl"] = _run_gr_cl(cfg, init, t0, match_compute, stage2_callbacks, quiet, summary.heldout_keys)
-    _write_summary(cfg, summary, results, time.time() - t0, startup)
+        results["gr_cl"], context = _run_gr_cl(cfg, init, t0, match_compute, stage2_callbacks, quiet,
+                                               summary.heldout_keys)
+    _write_summary(cfg, summary, results, time.time() - t0, startup, context)
+    if context and announce:
+        print(context["line"], flush=True)
     return results
 
 
 def _run_gr_cl(cfg: LbrConfig, init: str | None, t0: float, match_compute: bool,
                callbacks: list | None = None, quiet: bool = False,
-               heldout_keys: set[str] = frozenset()) -> StageResult:
-    from lbr_ray.eval.sets import build_eval_set_from_files
+               heldout_keys: set[str] = frozenset()) -> tuple[StageResult, dict | None]:
+    """GR-CL, then (when the run measured dev R@10) BM25 on the same dev set: (result, {..., "line"} or None)."""
+    from lbr_ray.eval.sets import dev_eval_set
     from lbr_ray.recipes import gr_cl
     from lbr_ray.train.checkpoint import hf_dir
 
@@ -77,9 +84,7 @@ def _run_gr_cl(cfg: LbrConfig, init: str | None, t0: float, match_compute: bool,
         print(f"[lbr] match-compute: cl gets {steps} stage-2 steps (= the two-stage variants' compute)", flush=True)
         cfg = replace(cfg, gr_cl={"max_steps": steps})
     init = str(hf_dir(init)) if init else None
-    dev = build_eval_set_from_files(list(cfg.data.pairs), list(cfg.data.corpus), split=cfg.data.split,
-                                    max_queries=cfg.gr_cl.eval_queries, max_corpus=cfg.gr_cl.eval_corpus,
-                                    seed=cfg.run.seed, which="dev")
+    dev = dev_eval_set(cfg)
     dev_payload = {"queries": dev.queries, "docs": dev.doc_texts, "qrels": [q.tolist() for q in dev.qrels]}
     ds = {"train": ray_data.stage2_dataset(cfg, init or cfg.model.name, heldout_keys)}
     res = run_stage(cfg, "gr_cl", gr_cl.train_fn, ds, init=init, extra={"dev": dev_payload}, t0=t0,
@@ -90,7 +95,20 @@ def _run_gr_cl(cfg: LbrConfig, init: str | None, t0: float, match_compute: bool,
         print(f"[lbr] dev R@10: {devs[0]['dev_recall@10']:.4f} at step {devs[0]['step']} -> "
               f"{devs[-1]['dev_recall@10']:.4f} at step {devs[-1]['step']} "
               f"({len(dev.queries)} dev queries, {len(dev.doc_texts)} passages)", flush=True)
-    return res
+    return res, (bm25_context(devs[-1]["dev_recall@10"], dev) if devs else None)
+
+
+def bm25_context(model_recall: float, dev) -> dict:
+    """The trained model's dev R@10 next to BM25's on the same dev set, as one line a newcomer can read."""
+    from lbr_ray.eval.baselines import bm25_dev_recall
+
+    bm25 = bm25_dev_recall(dev.queries, dev.doc_texts, dev.qrels)
+    verdict = "beats" if model_recall > bm25 else "does not beat"
+    line = (f"[lbr] result: dev R@10 {model_recall:.3f} for this model vs {bm25:.3f} for BM25 (keyword search, "
+            f"no training) on the same {len(dev.queries)} dev queries and {len(dev.doc_texts)} passages: the model "
+            f"{verdict} BM25 (R@10 = share of each query's relevant passages found in its top 10)")
+    return {"dev_recall@10": model_recall, "bm25_dev_recall@10": bm25, "dev_queries": len(dev.queries),
+            "dev_passages": len(dev.doc_texts), "line": line}
 
 
 def matched_steps(cfg: LbrConfig, heldout_keys: set[str] = frozenset(), sample: int = 512) -> int:
@@ -145,7 +163,7 @@ def _print_stage(res: StageResult) -> None:
 
 
 def _write_summary(cfg: LbrConfig, data, results: dict[str, StageResult], wall_s: float,
-                   startup: dict | None = None) -> None:
+                   startup: dict | None = None, context: dict | None = None) -> None:
     remote = storage.is_remote(cfg.run.output)
     out = storage.staging_dir(cfg.run.output) if remote else Path(cfg.run.output).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -157,6 +175,8 @@ def _write_summary(cfg: LbrConfig, data, results: dict[str, StageResult], wall_s
            "stages": {k: {"model": str(r.model_dir), "wall_s": r.wall_s, "last": r.last,
                           "dev": dev[k][-1] if dev[k] else None, "dev_step0": dev[k][0] if dev[k] else None}
                       for k, r in results.items()}}
+    if context:
+        doc["dev_vs_bm25"] = context
     (out / "summary.json").write_text(json.dumps(doc, indent=2, default=str))
     if remote:
         fs, path = storage.filesystem(storage.join(cfg.run.output, "summary.json"))

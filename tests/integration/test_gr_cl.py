@@ -32,6 +32,9 @@ def test_two_stage_run_loss_falls_and_dev_recall_rises(lbr_run):
     assert all("emb_std" in m and "emb_mean_cos" in m for m in gr.metrics if "nce_loss" in m)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["stages"]) == {"ib_gl", "gr_cl"}
+    ctx = summary["dev_vs_bm25"]  # the closing line's figures: the model next to BM25 on the same dev set
+    assert ctx["dev_recall@10"] == dev[-1]["dev_recall@10"] and 0 < ctx["bm25_dev_recall@10"] <= 1
+    assert 0 < ctx["dev_queries"] <= 100
     assert (out / "ib_gl" / "model" / "lbr_ray.json").is_file() and (out / "gr_cl" / "model" / "lbr_ray.json").is_file()
 
 

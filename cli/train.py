@@ -20,6 +20,8 @@ Examples:
   lbr train --stage all --config configs/demo.yaml --set gr_cl.temperature=0.05
 
   lbr train --stage ib-gl --config configs/demo.yaml --output runs/demo --resume
+
+  lbr train --stage lm --config configs/base-general.yaml      # pre-train a base model on a domain mixture
 """
 
 
@@ -54,7 +56,8 @@ def data_overrides(data: str, overrides: list[str]) -> list[str]:
 
 def train(
     config: ConfigOpt,
-    stage: Annotated[str, typer.Option(help="ib-gl (stage 1), gr-cl (stage 2) or all (both, one output folder).")] = "ib-gl",
+    stage: Annotated[str, typer.Option(help="ib-gl (stage 1), gr-cl (stage 2), all (both, one output folder) or lm "
+                                            "(causal-LM pre-training on the lm.sources mixture).")] = "ib-gl",
     data: Annotated[Optional[str], typer.Option(help="Pairs file, folder, glob, s3:// URI or `datasets` save_to_disk "
                                                 "folder: replaces data.pairs, and data.corpus by the folder's corpus* "
                                                 "files (none if it has none).")] = None,

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import LlamaConfig, PreTrainedTokenizerFast
+from transformers import LlamaConfig
 
 from lbr_ray.data.readers import read_all
+from lbr_ray.data.tokenizer import train_tokenizer
 
 OUT = Path(__file__).resolve().parents[1] / "lbr_ray" / "assets" / "tiny-llama"
-SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
 def texts():
@@ -28,17 +27,7 @@ def texts():
 
 
 def main(vocab_size: int = 8192) -> None:
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts(), trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", unk_token="<unk>")
-    OUT.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(OUT)
+    fast = train_tokenizer(texts(), vocab_size, OUT)
     LlamaConfig(vocab_size=len(fast), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
                 bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True).save_pretrained(OUT)

@@ -83,7 +83,14 @@ def validate(cfg: LbrConfig) -> list[str]:
         problems.append(f"need 1 <= bottleneck.k_min <= bottleneck.k_max, got {b.k_min}, {b.k_max}")
     if b.k is not None and b.k > b.k_max:
         problems.append(f"bottleneck.k={b.k} exceeds bottleneck.k_max={b.k_max}")
-    for stage in ("ib_gl", "gr_cl"):
+    lm = cfg.lm
+    if lm.weights and len(lm.weights) != len(lm.sources):
+        problems.append(f"lm.weights has {len(lm.weights)} values for {len(lm.sources)} lm.sources")
+    if any(w <= 0 for w in lm.weights):
+        problems.append(f"lm.weights must be positive numbers, got {list(lm.weights)}")
+    if lm.seq_len < 2 or lm.tokenizer_vocab < 0:
+        problems.append(f"lm.seq_len must be >= 2 and lm.tokenizer_vocab >= 0, got {lm.seq_len}, {lm.tokenizer_vocab}")
+    for stage in ("ib_gl", "gr_cl", "lm"):
         s = getattr(cfg, stage)
         for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
             if getattr(s, name) < 1:

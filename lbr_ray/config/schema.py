@@ -72,6 +72,18 @@ class IBGLConfig(StageConfig):
 
 
 @dataclass(frozen=True)
+class LMConfig(StageConfig):
+    """`lbr train --stage lm`: causal-LM (continued) pre-training on a weighted mixture of domain folders."""
+    sources: tuple[str, ...] = ()  # domain folders (pairs* and corpus* files), files or globs
+    weights: tuple[float, ...] = ()  # share of each source's documents per epoch (empty = as the data comes)
+    seq_len: int = 256  # tokens per packed row (documents longer than that are cut into consecutive chunks)
+    tokenizer_vocab: int = 0  # > 0: train a byte-level BPE tokenizer of this size on the mixture first
+    lr: float = 1e-3
+    log_every: int = 20
+    checkpoint_every: int = 500
+
+
+@dataclass(frozen=True)
 class GRCLConfig(StageConfig):
     lr: float = 5e-5
     temperature: float = 0.02
@@ -152,13 +164,14 @@ class LbrConfig:
     data: DataConfig = field(default_factory=DataConfig)
     ib_gl: IBGLConfig = field(default_factory=IBGLConfig)
     gr_cl: GRCLConfig = field(default_factory=GRCLConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     run: RunConfig = field(default_factory=RunConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
 
 
-STAGES = ("ib-gl", "gr-cl", "all")  # `lbr train --stage`
+STAGES = ("ib-gl", "gr-cl", "all", "lm")  # `lbr train --stage`
 SPLIT_KEYS = ("normalized", "exact")  # data.split.key
 
 CHOICES = {

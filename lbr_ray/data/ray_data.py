@@ -193,7 +193,7 @@ class TokenizeStage1:
             from lbr_ray.layout import pack
 
             rows = pack(rows, self.pack_length)
-        return _columns("ib", rows)
+        return columns("ib", rows)
 
 
 class TokenizeStage2:
@@ -211,7 +211,7 @@ class TokenizeStage2:
 
     def __call__(self, batch: dict) -> dict:
         queries, positives = list(batch["query"]), list(batch["positive"])
-        out = {**_columns("q", self.builder.embed_rows(queries)), **_columns("p", self.builder.embed_rows(positives)),
+        out = {**columns("q", self.builder.embed_rows(queries)), **columns("p", self.builder.embed_rows(positives)),
                "q_key": _text_ids(queries), "p_key": _text_ids(positives)}
         for h in range(self.hard):
             negs = []
@@ -221,9 +221,9 @@ class TokenizeStage2:
                     why = "has no 'negatives'" if len(negatives) == 0 else "has only dev/test positives as negatives"
                     raise DataError(path, int(line), f"gr_cl.hard_negatives={self.hard} but the record {why}")
                 negs.append(usable[h % len(usable)])  # fewer than asked: reuse them in turn
-            out.update(_columns(f"n{h}", self.builder.embed_rows(negs)), **{f"n{h}_key": _text_ids(negs)})
+            out.update(columns(f"n{h}", self.builder.embed_rows(negs)), **{f"n{h}_key": _text_ids(negs)})
         if self.gen:
-            out.update(_columns("ib", self.builder.pair_rows(queries, positives)))
+            out.update(columns("ib", self.builder.pair_rows(queries, positives)))
         return out
 
 
@@ -238,7 +238,7 @@ def _text_ids(texts: list[str]) -> np.ndarray:
     return np.array([int(text_key(t)[:15], 16) for t in texts], dtype=np.int64)
 
 
-def _columns(prefix: str, rows) -> dict:
+def columns(prefix: str, rows) -> dict:
     """(ids, seg) rows -> two ragged columns; the trailing None forces numpy to build a 1-D object array."""
     return {f"{prefix}_ids": np.array([np.asarray(r[0], dtype=np.int64) for r in rows] + [None], dtype=object)[:-1],
             f"{prefix}_seg": np.array([np.asarray(r[1], dtype=np.int8) for r in rows] + [None], dtype=object)[:-1]}

@@ -1,6 +1,8 @@
-"""Stage 1, IB-GL: next-token loss on the target through the bottleneck, on Ray Train + DeepSpeed.
+"""Stage 1, IB-GL: next-token loss on the target through the bottleneck, on Ray Train + DeepSpeed; and the
+causal-LM pre-training stage (`--stage lm`), which is the same loop on packed plain-text rows.
 
-`train_fn(config)` runs on every Ray Train worker; launcher.run_stage builds its datasets and TorchTrainer.
+`train_fn(config)` / `lm_train_fn(config)` run on every Ray Train worker; launcher.run_stage builds their datasets
+and TorchTrainer.
 """
 from __future__ import annotations
 
@@ -38,18 +40,29 @@ def uses_mask(cfg) -> bool:
 
 
 def train_fn(config: dict) -> None:
-    run = WorkerRun(config, "ib_gl")
-    cfg, st = run.cfg, run.cfg.ib_gl
+    _train(config, "ib_gl")
+
+
+def lm_train_fn(config: dict) -> None:
+    """`--stage lm`: the same loop on packed plain-text rows (no bottleneck, no mask but the document mask)."""
+    _train(config, "lm")
+
+
+def _train(config: dict, stage: str) -> None:
+    run = WorkerRun(config, stage)
+    cfg, st = run.cfg, getattr(run.cfg, stage)
     model, tok = build_model(cfg, init=config.get("init"))
     run.mark("model")
-    if uses_mask(cfg) and cfg.run.self_check:
+    ib = uses_mask(cfg) if stage == "ib_gl" else False
+    if ib and cfg.run.self_check:
         self_check(model, tok, cfg, run.rank)
         run.mark("self_check")
-    engine = initialize(IBGLObjective(model, st.alpha, uses_mask(cfg), packed=st.pack), cfg.deepspeed, st)
+    packed, length = (st.pack, pack_length(cfg)) if stage == "ib_gl" else (True, st.seq_len)
+    engine = initialize(IBGLObjective(model, st.alpha if ib else 0.0, ib, packed=packed), cfg.deepspeed, st)
     run.mark("deepspeed")
     state = run.resume(engine)
     telemetry = run.telemetry(st.max_steps, state)
-    batches = run.batches(["ib"], st.batch_size, tok.pad_token_id, length=pack_length(cfg))
+    batches = run.batches(["ib"], st.batch_size, tok.pad_token_id, length=length)
     try:
         train_loop(engine, batches, st, state, telemetry, run.world,
                    on_log=run.report, on_checkpoint=lambda s: run.checkpoint(engine, model, tok, s))

@@ -38,6 +38,10 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
     if match_compute and cfg.run.variant != "cl":
         raise ConfigError("--match-compute is for --variant cl (the baseline given the two-stage compute)")
     print_config(cfg)
+    if stage == "lm":
+        from lbr_ray.recipes.lm import train_lm
+
+        return train_lm(cfg, init, address, t0, quiet)
     stages = (["ib_gl"] if stage in ("ib-gl", "all") and cfg.run.variant != "cl" else []) + \
         (["gr_cl"] if stage in ("gr-cl", "all") else [])
     preflight(cfg, init, tuple(stages))

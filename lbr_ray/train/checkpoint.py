@@ -107,13 +107,13 @@ def hf_dir(path: str | Path) -> Path | str:
     from lbr_ray.storage import file_info, is_remote, join
 
     if is_remote(path):
-        for sub in ("", "hf", "model", "gr_cl/model", "ib_gl/model"):
+        for sub in ("", "hf", "model", "gr_cl/model", "ib_gl/model", "lm/model"):
             candidate = join(str(path), sub) if sub else str(path).rstrip("/")
             if file_info(join(candidate, MODEL_CARD)).size is not None:
                 return candidate
         raise CheckpointError(f"{path} is not an lbr-ray model or checkpoint (no config.json + {MODEL_CARD} found)")
     p = Path(path)
-    for candidate in (p, p / "hf", p / "model", p / "gr_cl" / "model", p / "ib_gl" / "model"):
+    for candidate in (p, p / "hf", p / "model", p / "gr_cl" / "model", p / "ib_gl" / "model", p / "lm" / "model"):
         if (candidate / "config.json").is_file() and (candidate / MODEL_CARD).is_file():
             return candidate
     raise CheckpointError(f"{path} is not an lbr-ray model or checkpoint (no config.json + {MODEL_CARD} found)")

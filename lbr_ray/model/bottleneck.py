@@ -89,8 +89,7 @@ class BottleneckLM(nn.Module):
         lm = load_causal_lm(model_cfg, len(tok), seed)
         b_ids = add_bottleneck_tokens(tok, b_cfg.k_max)
         if model_cfg.gradient_checkpointing:
-            # non-reentrant: kv_split reads keys/values computed inside checkpointed layers (see kv_split.py)
-            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(lm)
         if model_cfg.lora if lora is None else lora:
             lm = apply_lora(lm, model_cfg, b_ids)
         return cls(lm, b_ids, model_cfg.attn_backend, b_cfg.sink), tok
@@ -133,6 +132,16 @@ def pool_bottleneck(hidden: torch.Tensor, seg: torch.Tensor, pooling: str = "las
     else:
         raise ValueError(f"unknown pooling {pooling!r}; choose 'last' or 'mean'")
     return F.normalize(pooled.float(), dim=-1)
+
+
+def enable_checkpointing(lm: nn.Module) -> None:
+    """Non-reentrant gradient checkpointing: kv_split reads keys/values computed inside checkpointed layers (see
+    kv_split.py); transformers >= 5.x calls it activation checkpointing."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(lm, "activation_checkpointing_enable"):
+        lm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def apply_lora(lm: nn.Module, cfg: ModelConfig, bottleneck_ids: list[int]) -> nn.Module:

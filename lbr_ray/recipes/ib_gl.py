@@ -40,6 +40,7 @@ def uses_mask(cfg) -> bool:
 def train_fn(config: dict) -> None:
     run = WorkerRun(config, "ib_gl")
     cfg, st = run.cfg, run.cfg.ib_gl
+    batches = run.batches(["ib"], st.batch_size, run.pad_id(config.get("init")), length=pack_length(cfg))
     model, tok = build_model(cfg, init=config.get("init"))
     run.mark("model")
     if uses_mask(cfg) and cfg.run.self_check:
@@ -49,7 +50,6 @@ def train_fn(config: dict) -> None:
     run.mark("deepspeed")
     state = run.resume(engine)
     telemetry = run.telemetry(st.max_steps, state)
-    batches = run.batches(["ib"], st.batch_size, tok.pad_token_id, length=pack_length(cfg))
     try:
         train_loop(engine, batches, st, state, telemetry, run.world,
                    on_log=run.report, on_checkpoint=lambda s: run.checkpoint(engine, model, tok, s))

@@ -111,3 +111,6 @@ def test_evaluator_auto_index_reports_recall_and_qps_ratio(index, params):
     assert run["index_params"].startswith("nprobe=") and run["ann_recall@10"] >= 0.97
     assert run["auto_trace"][-1]["recall@10"] >= 0.99
     assert run["qps_ratio_vs_exact"] > 0 and "exact search's queries/s" in lines[-1]
+    assert run["used"] == ("ann" if run["qps_ratio_vs_exact"] >= 1 else "exact")  # never slower than exact
+    if run["used"] == "exact":
+        assert run["ann_recall@10"] == 1.0

@@ -33,7 +33,10 @@ test-unit: setup
 
 bench: setup
 	$(BIN)/python benchmarks/attention.py
+	$(BIN)/python benchmarks/packing.py --out benchmarks/results/packing.json
+	DS_ACCELERATOR=cpu $(BIN)/python benchmarks/overhead.py --out benchmarks/results/overhead.json
 	$(BIN)/python benchmarks/eval_scaling.py
+	$(BIN)/python benchmarks/ann_auto.py --out benchmarks/results/ann_auto.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

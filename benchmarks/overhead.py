@@ -77,12 +77,12 @@ def plain_loop(steps: int, log_every: int, t0: float) -> dict:
             "step_time_s": statistics.median(windows[1:]), "tokens_per_s": tokens / sum(times)}
 
 
-def lbr_run(workers: int, steps: int, log_every: int, out: Path, extra: list[str]) -> dict:
+def lbr_run(workers: int, steps: int, log_every: int, out: Path, extra: list[str], root: Path = ROOT) -> dict:
     cmd = [sys.executable, "-m", "cli.main", "train", "--stage", "ib-gl", "--config", str(CONFIG),
            "--num-workers", str(workers), "--output", str(out), "--set", f"ib_gl.max_steps={steps}",
            "--set", f"ib_gl.log_every={log_every}", "--set", f"ib_gl.checkpoint_every={10 * steps}", *extra]
     start = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(root)})
     wall = time.time() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -110,6 +110,7 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], help="extra config overrides for the lbr runs")
+    ap.add_argument("--base", default=None, help="another checkout (e.g. before a change): its 1-worker run too")
     ap.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)  # child process: the plain loop
     ap.add_argument("--out", default="benchmarks/results/overhead.json")
     args = ap.parse_args()
@@ -120,7 +121,7 @@ def main() -> None:
     extra = [x for kv in args.set for x in ("--set", kv)]
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.repeats):
-            for who in ["plain"] + [f"lbr{w}" for w in args.workers.split(",")]:
+            for who in ["plain"] + [f"lbr{w}" for w in args.workers.split(",")] + (["base1"] if args.base else []):
                 before = load()
                 if who == "plain":
                     t0 = time.time()
@@ -130,6 +131,8 @@ def main() -> None:
                     if proc.returncode != 0:
                         raise RuntimeError(proc.stderr[-3000:])
                     res = {"workers": 0, "wall_s": time.time() - t0, **json.loads(proc.stdout.splitlines()[-1])}
+                elif who == "base1":
+                    res = lbr_run(1, args.steps, args.log_every, Path(tmp) / f"{who}-{rep}", extra, Path(args.base))
                 else:
                     res = lbr_run(int(who[3:]), args.steps, args.log_every, Path(tmp) / f"{who}-{rep}", extra)
                 res.update(run=who, repeat=rep, loadavg_before=before, loadavg_after=load())
@@ -138,7 +141,7 @@ def main() -> None:
     plain = statistics.median(r["step_time_s"] for r in runs if r["run"] == "plain")
     ratios = {who: statistics.median(r["step_time_s"] for r in runs if r["run"] == who) / plain
               for who in {r["run"] for r in runs if r["run"] != "plain"}}
-    doc = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "steps": args.steps,
+    doc = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "steps": args.steps, "base": args.base,
            "log_every": args.log_every, "overrides": args.set,
            "step_time_ratio_vs_plain": ratios, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

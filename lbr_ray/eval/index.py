@@ -78,6 +78,12 @@ class ShardIndex:
     def size(self) -> int:
         return int(self.rows.size)
 
+    def cpu_seconds(self) -> float:
+        """CPU time this process has used so far (all threads): per-query cost apart from the machine's load."""
+        import time
+
+        return time.process_time()
+
     def set_params(self, params: str) -> None:
         """Change the search parameters (e.g. nprobe=16, efSearch=64) of the built index."""
         if self.index is not None and params:

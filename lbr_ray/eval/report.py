@@ -61,7 +61,8 @@ def markdown(results: dict, title: str | None = None) -> str:
         by = {row["group"]: row for row in r["rows"]}
         extra = [f"ANN recall@10 {r['ann_recall@10']:.3f}"] if "ann_recall@10" in r else []
         if "qps_ratio_vs_exact" in r:
-            extra += [f"{r['index']} {r['index_params']}".strip() + f": {r['qps_ratio_vs_exact']:.2f}x exact q/s"]
+            extra += [f"{r['index']} {r['index_params']}".strip() + f": {r['qps_ratio_vs_exact']:.2f}x exact q/s"
+                      + (" (exact used)" if r.get("used") == "exact" else "")]
         extra += [f"{r['queries_per_s']:.0f} q/s"]
         groups = " | ".join(_pair(by.get(g)) for g in ("hard", "moderate", "easy"))
         lines.append(f"| {d} | {r['n_queries']} | {r['corpus_size']} | " + " | ".join(

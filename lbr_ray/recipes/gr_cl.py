@@ -77,6 +77,8 @@ def collapse_warning(metrics: dict, cfg) -> bool:
 def train_fn(config: dict) -> None:
     run = WorkerRun(config, "gr_cl")
     cfg, st = run.cfg, run.cfg.gr_cl
+    prefixes = ["q", "p"] + [f"n{h}" for h in range(st.hard_negatives)] + (["ib"] if st.gen_weight > 0 else [])
+    batches = run.batches(prefixes, st.batch_size, run.pad_id(config.get("init")))
     model, tok = build_model(cfg, init=config.get("init"))
     run.mark("model")
     encoder = Encoder(model, tok, cfg.bottleneck, cfg.data.max_input_tokens)
@@ -94,8 +96,6 @@ def train_fn(config: dict) -> None:
     if evaluate is not None and state.step == 0:
         run.report({"step": 0, **evaluate(state)})  # the step-0 reference point
     telemetry = run.telemetry(st.max_steps, state)
-    prefixes = ["q", "p"] + [f"n{h}" for h in range(st.hard_negatives)] + (["ib"] if st.gen_weight > 0 else [])
-    batches = run.batches(prefixes, st.batch_size, tok.pad_token_id)
 
     def on_log(metrics: dict) -> None:
         metrics["collapse_warning"] = float(collapse_warning(metrics, cfg))

@@ -51,18 +51,18 @@ def lm_train_fn(config: dict) -> None:
 def _train(config: dict, stage: str) -> None:
     run = WorkerRun(config, stage)
     cfg, st = run.cfg, getattr(run.cfg, stage)
+    ib = uses_mask(cfg) if stage == "ib_gl" else False
+    packed, length = (st.pack, pack_length(cfg)) if stage == "ib_gl" else (True, st.seq_len)
+    batches = run.batches(["ib"], st.batch_size, run.pad_id(config.get("init")), length=length)  # prefetches
     model, tok = build_model(cfg, init=config.get("init"))
     run.mark("model")
-    ib = uses_mask(cfg) if stage == "ib_gl" else False
     if ib and cfg.run.self_check:
         self_check(model, tok, cfg, run.rank)
         run.mark("self_check")
-    packed, length = (st.pack, pack_length(cfg)) if stage == "ib_gl" else (True, st.seq_len)
     engine = initialize(IBGLObjective(model, st.alpha if ib else 0.0, ib, packed=packed), cfg.deepspeed, st)
     run.mark("deepspeed")
     state = run.resume(engine)
     telemetry = run.telemetry(st.max_steps, state)
-    batches = run.batches(["ib"], st.batch_size, tok.pad_token_id, length=length)
     try:
         train_loop(engine, batches, st, state, telemetry, run.world,
                    on_log=run.report, on_checkpoint=lambda s: run.checkpoint(engine, model, tok, s))

@@ -2,8 +2,8 @@
 the run's log files (`--verbose` brings Ray's and the libraries' output back to the console).
 
 Where things go in a quiet run (RUN = run.output, STAGE = ib_gl | gr_cl):
-- RUN/STAGE/console.log      lbr's messages from the Train workers (rank 0's progress and metrics, every rank's
-                             warnings); the driver prints its new lines while the stage runs
+- RUN/STAGE/console.log      lbr's messages from the Train workers (rank 0's progress, metrics and warnings, any rank's
+                             errors); the driver prints its new lines while the stage runs
 - RUN/STAGE/logs/rank<N>.log everything else a Train worker prints (DeepSpeed, transformers, Ray Train, torch)
 - RUN/logs/driver.log        Ray's driver-side log records (warnings included)
 - RUN/logs/ray               link to the embedded Ray's session logs (controller, Ray Data, raylet, GCS)
@@ -21,10 +21,10 @@ log = logging.getLogger("lbr_ray")
 
 
 def worker_console(stage_dir: Path, rank: int, quiet: bool) -> None:
-    """In a Train worker: lbr's log records go to STAGE/console.log (rank 0 from INFO, other ranks WARNING and up);
+    """In a Train worker: lbr's log records go to STAGE/console.log (rank 0 from INFO, other ranks' errors);
     when quiet, the process's stdout/stderr (file descriptors 1 and 2) go to STAGE/logs/rank<N>.log."""
     handler = logging.FileHandler(stage_dir / CONSOLE_LOG)
-    handler.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    handler.setLevel(logging.INFO if rank == 0 else logging.ERROR)  # rank 0 warns for all (metrics are global)
     handler.setFormatter(logging.Formatter("[lbr] %(message)s" if rank == 0 else f"[lbr] rank {rank}: %(message)s"))
     for old in [h for h in log.handlers if getattr(h, "_lbr_console", False)]:
         log.removeHandler(old)
@@ -66,6 +66,10 @@ def quiet_driver(output: Path) -> Path:
         ray_logger.addHandler(console)
     ray_logger.setLevel(logging.INFO)
     ray_logger.propagate = False
+    logging.captureWarnings(True)  # Python warnings (e.g. Ray Data's UserWarnings) to the file too
+    warn_logger = logging.getLogger("py.warnings")
+    warn_logger.addHandler(handler)
+    warn_logger.propagate = False
     return logs
 
 

@@ -94,8 +94,8 @@ class Telemetry:
             self.bar.n = step
             self.bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items() if k in ("loss", "lr", "tokens_per_s", "mfu")})
             self.bar.refresh()
-        log.info("%s step %d/%d %s", self.stage, step, self.max_steps,
-                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step"))
+        log.info("%s step %d/%d %s", self.stage, step, self.max_steps,  # start-up milestones: metrics.jsonl
+                 " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step" and not k.startswith("startup_")))
         if self.writer is not None:
             for k, v in metrics.items():
                 if k != "step":

@@ -1,10 +1,12 @@
 """Per-worker Ray Train plumbing shared by the stage recipes: rank, dataset shard, report, checkpoint, resume."""
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import ray.train
@@ -74,20 +76,44 @@ class WorkerRun:
     def batches(self, prefixes: list[str], batch_size: int, pad_id: int, name: str = "train",
                 length: int | None = None):
         """`epoch -> batches` of padded tensors (to `length` when given, e.g. packed rows), already on this
-        worker's device (Ray's device="auto")."""
+        worker's device (Ray's device="auto"). Epoch 0's first batch is fetched in a background thread right away
+        (fresh runs), so Ray Data's start (tokenizer actor, first blocks) overlaps the model build and DeepSpeed's
+        init."""
         shard = ray.train.get_dataset_shard(name)
         collate = PadCollate(prefixes, pad_id, length)
 
+        def make(epoch: int):
+            return iter(shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=True,
+                                                 local_shuffle_buffer_size=4 * batch_size,
+                                                 local_shuffle_seed=self.cfg.run.seed + epoch))
+
+        pending = {}
+        if ray.train.get_checkpoint() is None:  # a resumed run may start in a later epoch: no early epoch 0
+            first_epoch = make(0)
+            pending[0] = (first_epoch, ThreadPoolExecutor(1, "lbr-prefetch").submit(next, first_epoch, None))
+
         def epoch_batches(epoch: int):
-            it = shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=True,
-                                          local_shuffle_buffer_size=4 * batch_size,
-                                          local_shuffle_seed=self.cfg.run.seed + epoch)
-            for batch in it:
+            if epoch in pending:
+                it, head = pending.pop(epoch)
+                batch = head.result()
+                if batch is None:
+                    return
+                batches = itertools.chain([batch], it)
+            else:
+                batches = make(epoch)
+            for batch in batches:
                 if "first_batch" not in self.marks:
                     self.mark("first_batch")
                 yield batch
 
         return epoch_batches
+
+    def pad_id(self, init: str | None = None) -> int:
+        """The padding id of the stage's tokenizer (before the model is built, to start the data stream early)."""
+        from lbr_ray.model.bottleneck import load_tokenizer
+        from lbr_ray.train.checkpoint import hf_dir
+
+        return load_tokenizer(str(hf_dir(init)) if init else self.cfg.model.name, self.cfg.bottleneck.k_max).pad_token_id
 
     def mark(self, name: str) -> None:
         """Record a start-up milestone; the first logged metrics carry them as `startup_<name>_s`."""

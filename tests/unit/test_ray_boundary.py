@@ -6,7 +6,8 @@ import sys
 
 RAY_FREE = ["lbr_ray.model.bottleneck", "lbr_ray.model.masks", "lbr_ray.model.attention", "lbr_ray.model.selfcheck",
             "lbr_ray.losses", "lbr_ray.data.schema", "lbr_ray.data.readers", "lbr_ray.layout",
-            "lbr_ray.data.split", "lbr_ray.train.loop", "lbr_ray.train.telemetry",
+            "lbr_ray.data.split", "lbr_ray.train.loop", "lbr_ray.train.telemetry", "lbr_ray.train.flops",
+            "lbr_ray.train.console",
             "lbr_ray.train.deepspeed", "lbr_ray.recipes.setup", "lbr_ray.config"]
 
 

@@ -31,7 +31,9 @@ def ensure_ray(cfg: LbrConfig, address: str | None = None, quiet: bool = False) 
         if quiet:
             from lbr_ray.train import console
 
-            logs = console.quiet_driver(Path(cfg.run.output).expanduser().resolve())
+            out = cfg.run.output  # a remote output logs into its local staging mirror, like the stage folders
+            logs = console.quiet_driver(storage.staging_dir(out) if storage.is_remote(out)
+                                        else Path(out).expanduser().resolve())
             session = console.link_ray_logs(logs) if not (address or os.environ.get("RAY_ADDRESS")) else None
             where = f"{logs}/driver.log" + (f", {logs}/ray -> {session}" if session else "")
             print(f"[lbr] Ray's own output goes to the log files ({where}; workers: <stage>/logs/); "

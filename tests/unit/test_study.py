@@ -91,3 +91,23 @@ def test_table_and_seed_stacked_significance_from_cells(tmp_path):
     md = markdown(doc, spec)
     assert "| lbr | 0,1 | 0.8750 ± 0.0354" in md and "| medical | cl | 0,1 | 80 | +0.6250" in md
     assert plot(list(rows.values()), {"medical": 0.5}, spec, tmp_path / "s.png").stat().st_size > 5000
+
+
+def test_trec_files_round_trip_and_read_with_ranx(tmp_path):
+    import numpy as np
+    from ranx import Qrels, Run
+
+    from lbr_ray.eval.sets import EvalSet
+    from lbr_ray.eval.trec import query_id, read_qrels, read_run, write_qrels, write_run
+
+    eset = EvalSet("d", ["what is a?", "what is b?"], ["qa"] * 2, ["hard"] * 2, [np.array([0]), np.array([1, 2])],
+                   ["doc a", "pos:1", "c"], ["A", "B", "C"])
+    write_qrels(eset, tmp_path / "q.trec")
+    write_run(eset, np.array([[1, 0, -1], [2, 1, 0]]), np.array([[0.9, 0.5, 0.0], [0.8, 0.7, 0.1]]),
+              tmp_path / "r.trec", "my run")
+    qa, qb = query_id("what is a?"), query_id("what is b?")
+    assert read_qrels(tmp_path / "q.trec") == {qa: {"doc_a": 1}, qb: {"pos:1": 1, "c": 1}}  # whitespace replaced
+    assert read_run(tmp_path / "r.trec") == {qa: {"pos:1": 0.9, "doc_a": 0.5}, qb: {"c": 0.8, "pos:1": 0.7,
+                                                                                "doc_a": 0.1}}  # -1 slot skipped
+    assert len(Run.from_file(str(tmp_path / "r.trec"), kind="trec")) == 2
+    assert len(Qrels.from_file(str(tmp_path / "q.trec"), kind="trec")) == 2

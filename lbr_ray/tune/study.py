@@ -205,8 +205,8 @@ def build_tuner(cfg: LbrConfig, spec: StudySpec, study: Path, callbacks: list | 
     from lbr_ray.tune.cleanup import ReleaseStoppedTrials
     from lbr_ray.tune.search import EXPERIMENT, _trial_name, concurrency
 
-    # Tune varies the first key fastest: cells run variant by variant within a seed, so an interrupted study has
-    # every variant of the first seeds (the comparison) rather than every seed of the first variants
+    # the grid varies seed fastest (Tune orders the keys by name): cells run seed by seed within a variant, in the
+    # order of --variants
     space = {"variant": tune.grid_search(list(spec.variants)), "seed": tune.grid_search(list(spec.seeds))}
     tune_config = tune.TuneConfig(metric=f"test_{spec.target}_{METRIC}", mode="max",
                                   search_alg=BasicVariantGenerator(max_concurrent=concurrency(cfg)),

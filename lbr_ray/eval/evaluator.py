@@ -101,8 +101,10 @@ class RetrievalEvaluator:
     primary_metric = "ndcg@10"
     greater_is_better = True
 
-    def __init__(self, opts: EvalOptions, log=print):
-        self.opts, self.log = opts, log
+    def __init__(self, opts: EvalOptions, log=print, keep_ranking: bool = False):
+        """keep_ranking: each domain's result keeps the ranked lists ("top" [Q, k] corpus rows, "scores" [Q, k]),
+        e.g. to write TREC run files (lbr_ray.eval.trec)."""
+        self.opts, self.log, self.keep_ranking = opts, log, keep_ranking
         self.sets: dict[str, EvalSet] = {}
 
     def __call__(self, method) -> dict[str, float]:
@@ -162,9 +164,9 @@ class RetrievalEvaluator:
         if o.index == "auto" or o.index_params == "auto":
             return self._dense_auto(q, shards, k, use_gpu, threads, docs, queries)
         start = time.perf_counter()
-        _, top = search_shards(shards, q, k, o.index, o.index_params, o.num_workers, use_gpu, threads)
+        scores, top = search_shards(shards, q, k, o.index, o.index_params, o.num_workers, use_gpu, threads)
         search_s = time.perf_counter() - start
-        run = {"top": top, "search_seconds": search_s, "encoded_passages": docs.encoded,
+        run = {"top": top, "scores": scores, "search_seconds": search_s, "encoded_passages": docs.encoded,
                "encoded_queries": queries.encoded, "encode_pass_seconds": docs.seconds, "dim": docs.dim}
         if not is_exact(o.index):
             _, exact = search_shards(shards, q, k, "Flat", "", o.num_workers, use_gpu, threads)
@@ -214,11 +216,14 @@ class RetrievalEvaluator:
 
     def _bm25(self, eset: EvalSet, bm25: BM25Retriever) -> dict:
         start = time.perf_counter()
-        _, top = bm25.retrieve(eset.queries, eset.doc_texts, self.opts.k)
-        return {"top": top, "search_seconds": time.perf_counter() - start}
+        scores, top = bm25.retrieve(eset.queries, eset.doc_texts, self.opts.k)
+        return {"top": top, "scores": scores, "search_seconds": time.perf_counter() - start}
 
     def _score(self, eset: EvalSet, run: dict) -> dict:
-        per = per_query_metrics(run.pop("top"), eset.qrels, DEFAULT_METRICS)  # {metric: [Q]}
+        top, scores = run.pop("top"), run.pop("scores")
+        per = per_query_metrics(top, eset.qrels, DEFAULT_METRICS)  # {metric: [Q]}
+        if self.keep_ranking:
+            run.update(top=top, scores=scores)
         types = np.asarray(eset.query_types)
         diff = np.asarray(eset.query_difficulty)
         groups = [("all", "", np.ones(len(types), bool))]

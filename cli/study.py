@@ -1,0 +1,107 @@
+"""`lbr study`: parse options, build the study spec and config, call lbr_ray.tune.study.run_study."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cli.options import AddressOpt, ClusterOpt, SetOpt
+
+EXAMPLES = """
+Examples:
+
+  lbr study --config configs/demo.yaml --target medical --variants lbr,gl-cl,cl,cl-mc --seeds 0,1,2
+            --heldout biology,chemistry --output runs/study-medical
+
+  lbr study --config configs/demo.yaml --target medical --variants lbr,cl --seeds 0,1 --heldout biology
+            --set tune.ib_gl_steps=50 --set tune.gr_cl_steps=50 --test-max-queries 200 --output runs/study-small
+
+  lbr study --output runs/study-medical --resume        # continue: finished cells are not rerun
+"""
+
+
+def study_command(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="Base YAML config (model, stages, "
+                                                   "steps); its data is replaced by the target's.",
+                                                   show_default=False)] = None,
+    target: Annotated[Optional[str], typer.Option(help="Target domain folder under --data-root (trained and "
+                                                  "tested on).", show_default=False)] = None,
+    variants: Annotated[str, typer.Option(help="Comma-separated: lbr, gl-cl, cl, cl-mc (cl with "
+                                          "--match-compute).")] = "lbr,gl-cl,cl,cl-mc",
+    seeds: Annotated[str, typer.Option(help="Comma-separated training seeds.")] = "0,1,2",
+    heldout: Annotated[str, typer.Option(help="Comma-separated domains evaluated but never trained on.")] = "",
+    data_root: Annotated[Optional[Path], typer.Option(help="Folder of domain folders (default: the folder above "
+                                                      "the config's first pairs file's domain).",
+                                                      show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Study folder.", show_default=False)]
+        = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the study in --output (Tuner.restore): "
+                                         "finished cells are kept, unfinished ones run again.")] = False,
+    test_max_queries: Annotated[Optional[int], typer.Option(help="Cap the test queries per domain (the same "
+                                                            "sample in every cell).", show_default=False)] = None,
+    test_max_corpus: Annotated[Optional[int], typer.Option(help="Cap the test corpus per domain (positives kept).",
+                                                           show_default=False)] = None,
+    eval_workers: Annotated[int, typer.Option(help="Encoder actors per cell evaluation (0 = in the cell's "
+                                              "process).")] = 0,
+    stat_test: Annotated[str, typer.Option(help="ranx.compare test: fisher (randomization) or student (paired "
+                                           "t-test).")] = "fisher",
+    max_p: Annotated[float, typer.Option(help="p-value at or below which a difference is called significant.")]
+        = 0.05,
+    overrides: SetOpt = None,
+    address: AddressOpt = None,
+    cluster: ClusterOpt = None,
+) -> None:
+    """Does LBR help? A variant x seed grid of real two-stage runs on a target domain (Ray Tune), each evaluated on
+    the target's test split and held-out domains (TREC run files); mean +- std over seeds, significance of LBR
+    minus each variant (ranx.compare, paired over queries), results.{md,json,csv} and study.png."""
+    t0 = time.time()
+    if cluster or (address and address.startswith(("http://", "https://"))):
+        from lbr_ray.cluster.jobs import submit_as_job
+
+        raise typer.Exit(submit_as_job(sys.argv[1:], cluster=cluster, address=address))
+    cfg, spec, folder = study_inputs(config, target, variants, seeds, heldout, data_root, output, resume,
+                                     overrides, test_max_queries=test_max_queries, test_max_corpus=test_max_corpus,
+                                     eval_workers=eval_workers, stat_test=stat_test, max_p=max_p)
+    from lbr_ray.tune.study import run_study  # imports Ray: after the checks, which need none
+
+    doc = run_study(cfg, spec, folder, resume=resume, address=address, t0=t0)
+    typer.echo(f"study done in {time.time() - t0:.0f}s ({doc['cells_done']} of {doc['cells_total']} cells): "
+               f"{folder / 'results.md'}")
+
+
+def study_inputs(config, target, variants, seeds, heldout, data_root, output, resume, overrides, **options):
+    """(config, spec, folder): from the options, or for --resume from the study's saved files."""
+    from lbr_ray.config import load_config
+    from lbr_ray.errors import ConfigError
+    from lbr_ray.tune.study import StudySpec, check_spec, load_study, parse_list, study_config
+
+    if output is None:
+        raise ConfigError("--output is required (the study folder)")
+    folder = output.expanduser().resolve()
+    if resume:
+        if config is not None or target is not None or overrides:
+            raise ConfigError("--resume continues the study as it started: pass only --output")
+        if not (folder / "study.json").is_file():
+            raise ConfigError(f"{folder} holds no study to resume (no study.json): check --output")
+        cfg, spec = load_study(folder)
+        return cfg, spec, folder
+    if config is None or target is None:
+        raise ConfigError("--config and --target are required")
+    try:
+        seed_list = parse_list(seeds, int)
+    except ValueError:
+        raise ConfigError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
+    cfg = load_config(config, list(overrides or []))
+    if data_root is None:
+        data_root = Path(cfg.data.pairs[0]).expanduser().resolve().parent.parent
+    spec = StudySpec(target=target, variants=parse_list(variants), seeds=seed_list, heldout=parse_list(heldout),
+                     data_root=str(Path(data_root).resolve()), **options)
+    check_spec(spec)
+    return study_config(cfg, spec, folder), spec, folder
+
+
+def register(app: typer.Typer) -> None:
+    app.command("study", epilog=EXAMPLES)(study_command)

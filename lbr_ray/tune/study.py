@@ -1,0 +1,463 @@
+"""`lbr study`: does LBR help? A variant x seed grid on one target domain, every cell a real two-stage run, run by
+Ray Tune (grid search, stage-1 cache by config hash, Tuner.restore), evaluated on the target's test split and on
+held-out domains, with per-query TREC run files, mean +- std over seeds and paired significance (ranx.compare).
+
+<study>/study.json            the study's spec (target, variants, seeds, held-out domains, eval caps, test)
+<study>/sweep_config.yaml     the resolved base config (resume reads it)
+<study>/tune/                 Tune's experiment state (restore point)
+<study>/stage1/<key>/         stage-1 models by config hash (lbr_ray.tune.stage1): a restarted cell reuses its own
+<study>/cells/<trial name>/   each cell: gr_cl/ run, summary.json, runs/<domain>.trec, test/report.*, cell.json
+<study>/qrels/<domain>.trec   the judgements every cell's runs are scored against (one eval set per domain)
+<study>/bm25/<domain>.trec    BM25 on the same eval sets (reference)
+<study>/results.{md,json,csv}, <study>/study.png
+
+Variants: lbr, gl-cl, cl (lbr_ray.recipes.pipeline) and cl-mc (= cl with --match-compute: stage 2 gets the
+two-stage variants' compute). Steps come from tune.ib_gl_steps / tune.gr_cl_steps (default: the config's own).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from lbr_ray.config import LbrConfig, config_from_dict, replace, save_config, to_dict
+from lbr_ray.errors import ConfigError
+
+VARIANTS = {"lbr": ("lbr", False), "gl-cl": ("gl-cl", False), "cl": ("cl", False), "cl-mc": ("cl", True)}
+STAT_TESTS = ("fisher", "student")
+SPEC = "study.json"
+CELL = "cell.json"
+METRIC = "recall@10"
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    target: str
+    variants: tuple[str, ...]
+    seeds: tuple[int, ...]
+    data_root: str
+    heldout: tuple[str, ...] = ()
+    test_max_queries: int | None = None  # caps of the test evaluation (deterministic samples, the same in every cell)
+    test_max_corpus: int | None = None
+    eval_workers: int = 0  # encoder actors of each cell's evaluation (0 = in the cell's driver process)
+    stat_test: str = "fisher"  # ranx.compare: fisher (randomization) or student (paired t-test)
+    max_p: float = 0.05
+    control: str = "lbr"  # significance of control minus each other variant
+    domains: tuple[str, ...] = field(init=False, default=())
+
+    def __post_init__(self):
+        object.__setattr__(self, "domains", (self.target, *self.heldout))
+
+
+def spec_from_dict(d: dict) -> StudySpec:
+    d = {k: v for k, v in d.items() if k != "domains"}
+    for key in ("variants", "seeds", "heldout"):
+        d[key] = tuple(d.get(key) or ())
+    return StudySpec(**d)
+
+
+def parse_list(text: str | None, kind=str) -> tuple:
+    items = [t.strip() for t in (text or "").split(",") if t.strip()]
+    return tuple(kind(t) for t in items)
+
+
+def check_spec(spec: StudySpec) -> None:
+    """Every problem with the grid at once, before Ray starts: unknown variants, no seeds, missing domain folders."""
+    problems = []
+    unknown = [v for v in spec.variants if v not in VARIANTS]
+    if unknown:
+        problems.append(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+    if not spec.variants:
+        problems.append("--variants is empty")
+    if len(set(spec.variants)) != len(spec.variants) or len(set(spec.seeds)) != len(spec.seeds):
+        problems.append("--variants and --seeds must not repeat a value")
+    if not spec.seeds:
+        problems.append("--seeds is empty")
+    if spec.target in spec.heldout:
+        problems.append(f"the target {spec.target!r} cannot also be a held-out domain")
+    if spec.stat_test not in STAT_TESTS:
+        problems.append(f"--stat-test must be one of {', '.join(STAT_TESTS)}")
+    if not 0 < spec.max_p < 1:
+        problems.append("--max-p must be between 0 and 1")
+    root = Path(spec.data_root)
+    for domain in spec.domains:
+        if not (root / domain).is_dir():
+            problems.append(f"no domain folder {root / domain}")
+        elif not any((root / domain).glob("pairs*")):
+            problems.append(f"{root / domain} has no pairs* file")
+    if problems:
+        raise ConfigError(problems, "study")
+
+
+def study_config(cfg: LbrConfig, spec: StudySpec, output: str | Path) -> LbrConfig:
+    """The base config of every cell: the target's pairs and corpus (absolute paths), no ASHA, tune.output."""
+    from lbr_ray.data.readers import resolve_paths
+    from lbr_ray.tune.search import absolute_paths
+
+    folder = Path(spec.data_root) / spec.target
+    corpus = tuple(resolve_paths([str(folder)], "corpus")) if any(folder.glob("corpus*")) else ()
+    cfg = replace(cfg, data={"pairs": tuple(resolve_paths([str(folder)], "pairs")), "corpus": corpus},
+                  tune={"output": str(Path(output).expanduser().resolve()), "asha": False, "search": "grid",
+                        "num_samples": 1})
+    return absolute_paths(cfg)
+
+
+def cell_config(base: LbrConfig, variant: str, seed: int, out: Path) -> tuple[LbrConfig, bool]:
+    """(the config one cell trains with, match_compute)."""
+    from lbr_ray.tune.space import tuning_config
+
+    name, match = VARIANTS[variant]
+    cfg = replace(tuning_config(base), run={"seed": int(seed), "variant": name, "output": str(out), "resume": False})
+    return cfg, match
+
+
+def eval_options(cfg: LbrConfig, spec: StudySpec, cache: Path):
+    from lbr_ray.eval.evaluator import EvalOptions
+
+    # seed 0 for every cell: the same queries and corpus whatever the training seed, so runs pair query by query
+    return EvalOptions(domains=spec.domains, data_root=str(Path(spec.data_root).resolve()),
+                       num_workers=spec.eval_workers, max_queries=spec.test_max_queries,
+                       max_corpus=spec.test_max_corpus, cache_dir=str(cache), seed=0, split=cfg.data.split)
+
+
+def evaluate_cell(model_dir: Path, cfg: LbrConfig, spec: StudySpec, study: Path, cell: Path, tag: str) -> dict:
+    """The cell's model on every domain's test split: report files, TREC runs, {domain: metrics of group all}."""
+    from lbr_ray.eval.encode import load_encoder
+    from lbr_ray.eval.evaluator import RetrievalEvaluator
+    from lbr_ray.eval.report import write_reports
+    from lbr_ray.eval.trec import write_qrels, write_run
+
+    ev = RetrievalEvaluator(eval_options(cfg, spec, study / "embedding_cache"), keep_ranking=True,
+                            log=lambda msg: print(f"[lbr] study {tag}: {msg}", flush=True))
+    results = ev.evaluate(load_encoder(str(model_dir)), tag)
+    out = {}
+    for domain, res in results["domains"].items():
+        eset = ev.eval_set(domain)
+        write_run(eset, res.pop("top"), res.pop("scores"), cell / "runs" / f"{domain}.trec", tag)
+        if not (study / "qrels" / f"{domain}.trec").is_file():
+            write_qrels(eset, study / "qrels" / f"{domain}.trec")
+        out[domain] = {k: v for k, v in res["rows"][0].items() if k not in ("group", "difficulty")}
+    write_reports(results, cell / "test", title=f"Test split: study cell {tag}")
+    return out
+
+
+def study_cell(params: dict, base: dict, study: str, spec: dict) -> None:
+    """One cell (the Tune trainable): stage 1 from the cache (trained if missing), GR-CL, test evaluation."""
+    from ray import tune
+
+    from lbr_ray.recipes.pipeline import train
+    from lbr_ray.tune.cleanup import RecordPlacementGroup
+    from lbr_ray.tune.search import _write_json
+    from lbr_ray.tune.stage1 import ensure_stage1
+
+    study, spec = Path(study), spec_from_dict(spec)
+    name = tune.get_context().get_trial_name()
+    cell = study / "cells" / name
+    cell.mkdir(parents=True, exist_ok=True)
+    with open(cell / "attempts.jsonl", "a") as fh:  # the resume test counts these: finished cells never rerun
+        fh.write(json.dumps({"start": time.time(), "params": params}) + "\n")
+    done = json.loads((cell / CELL).read_text()) if (cell / CELL).is_file() else {}
+    if done.get("done"):  # Tune restarted a cell that had finished: report what it measured, train nothing
+        tune.report(_report(done))
+        return
+    cfg, match = cell_config(config_from_dict(base), params["variant"], params["seed"], cell)
+    start, init, facts = time.time(), None, {"stage1_reused": None, "stage1_s": 0.0}
+    if cfg.run.variant != "cl":
+        s1 = ensure_stage1(cfg, study / "stage1")
+        init = str(s1.model_dir)
+        facts = {"stage1_key": s1.key, "stage1_reused": s1.reused, "stage1_s": s1.trial_s}
+    resume = any((cell / "gr_cl").glob("checkpoint_*"))  # a restarted cell continues its GR-CL run
+    callbacks = [RecordPlacementGroup(cell)]  # an interrupted cell's workers are released (lbr_ray.tune.cleanup)
+    res = train(replace(cfg, run={"resume": resume}), stage="gr-cl", init=init, match_compute=match,
+                stage2_callbacks=callbacks, announce=False)["gr_cl"]
+    summary = json.loads((cell / "summary.json").read_text())
+    dev = [m for m in res.metrics if "dev_recall@10" in m]
+    tag = f"{params['variant']}_seed{params['seed']}"
+    test = evaluate_cell(res.model_dir, cfg, spec, study, cell, tag)
+    doc = {"params": params, "variant": params["variant"], "seed": params["seed"], "done": True, **facts,
+           "stage2_steps": res.last.get("step"), "cell_s": time.time() - start, "model": str(res.model_dir),
+           "dev_recall@10": dev[-1]["dev_recall@10"] if dev else None,
+           "dev_bm25_recall@10": (summary.get("dev_vs_bm25") or {}).get("bm25_dev_recall@10"), "test": test}
+    _write_json(cell / CELL, doc)
+    tune.report(_report(doc))
+
+
+def _report(doc: dict) -> dict:
+    row = {f"test_{d}_{METRIC}": m[METRIC] for d, m in doc["test"].items()}
+    return {**row, "dev_recall@10": doc.get("dev_recall@10") or 0.0, "done": True}
+
+
+def trainable(cfg: LbrConfig, spec: StudySpec, study: Path):
+    from ray import tune
+
+    from lbr_ray.tune.search import DRIVER_CPUS
+
+    fn = tune.with_parameters(study_cell, base=to_dict(cfg), study=str(study), spec=asdict(spec))
+    return tune.with_resources(fn, {"cpu": DRIVER_CPUS})
+
+
+def build_tuner(cfg: LbrConfig, spec: StudySpec, study: Path, callbacks: list | None = None):
+    from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    from lbr_ray.tune.cleanup import ReleaseStoppedTrials
+    from lbr_ray.tune.search import EXPERIMENT, _trial_name, concurrency
+
+    # the grid varies seed fastest (Tune orders the keys by name): cells run seed by seed within a variant, in the
+    # order of --variants
+    space = {"variant": tune.grid_search(list(spec.variants)), "seed": tune.grid_search(list(spec.seeds))}
+    tune_config = tune.TuneConfig(metric=f"test_{spec.target}_{METRIC}", mode="max",
+                                  search_alg=BasicVariantGenerator(max_concurrent=concurrency(cfg)),
+                                  num_samples=1, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+    run_config = tune.RunConfig(name=EXPERIMENT, storage_path=str(study), verbose=1,
+                                callbacks=[ReleaseStoppedTrials(study / "cells"), *(callbacks or [])],
+                                failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures))
+    return tune.Tuner(trainable(cfg, spec, study), param_space=space, tune_config=tune_config, run_config=run_config)
+
+
+def check_study_folder(study: Path, resume: bool) -> None:
+    from ray import tune
+
+    from lbr_ray.tune.search import EXPERIMENT
+
+    started = tune.Tuner.can_restore(str(study / EXPERIMENT))
+    if resume and not (study / SPEC).is_file():
+        raise ConfigError(f"{study} holds no study to resume (no {SPEC}): check --output")
+    if resume and not started:
+        raise ConfigError(f"{study / EXPERIMENT} holds no Tune state to resume: start the study without --resume")
+    if not resume and (started or (study / SPEC).exists()):
+        raise ConfigError(f"{study} already holds a study: pass --resume to continue it, or choose another --output")
+
+
+def load_study(study: Path) -> tuple[LbrConfig, StudySpec]:
+    from lbr_ray.config import load_config
+
+    return load_config(study / "sweep_config.yaml"), spec_from_dict(json.loads((study / SPEC).read_text()))
+
+
+def run_study(cfg: LbrConfig, spec: StudySpec, study: str | Path, resume: bool = False,
+              address: str | None = None, callbacks: list | None = None, t0: float | None = None) -> dict:
+    """Run (or resume) the grid, then write the table, significance and plot. `cfg` as made by study_config."""
+    from ray import tune
+
+    from lbr_ray.train.launcher import ensure_ray, print_config
+    from lbr_ray.tune.cleanup import remove_recorded
+    from lbr_ray.tune.search import EXPERIMENT
+    from lbr_ray.tune.space import tuning_config
+
+    t0 = t0 or time.time()
+    study = Path(study).expanduser().resolve()
+    check_spec(spec)
+    check_study_folder(study, resume)
+    print_config(cfg)
+    study.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        save_config(cfg, study / "sweep_config.yaml")
+        (study / SPEC).write_text(json.dumps(asdict(spec), indent=2) + "\n")
+    workers = tuning_config(cfg).scaling.num_workers * max(cfg.tune.max_concurrent_trials, 1)
+    ensure_ray(replace(cfg, scaling={"num_workers": workers}), address)
+    if resume:
+        tuner = tune.Tuner.restore(str(study / EXPERIMENT), trainable=trainable(cfg, spec, study),
+                                   resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = build_tuner(cfg, spec, study, callbacks)
+    try:
+        grid = tuner.fit()
+    finally:
+        remove_recorded(study)
+    cells = len(spec.variants) * len(spec.seeds)
+    finished = grid.num_terminated + grid.num_errors == len(grid) >= cells
+    with open(study / "sessions.jsonl", "a") as fh:
+        fh.write(json.dumps({"start": t0, "wall_s": time.time() - t0, "resume": resume, "finished": finished}) + "\n")
+    if not finished:
+        print(f"[lbr] study: stopped before every cell ended; continue with: lbr study --output {study} --resume",
+              flush=True)
+    return write_results(cfg, spec, study, finished)
+
+
+# --- analysis ----------------------------------------------------------------------------------------------------
+
+def read_cells(study: Path) -> list[dict]:
+    cells = []
+    for path in sorted((study / "cells").glob(f"*/{CELL}")):
+        doc = json.loads(path.read_text())
+        if doc.get("done"):
+            cells.append({**doc, "cell": path.parent.name})
+    return cells
+
+
+def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (ddof=1; 0 for one value)."""
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return mean, math.sqrt(var)
+
+
+def summarize(cells: list[dict], spec: StudySpec) -> list[dict]:
+    """One row per variant: seeds done, mean and std over seeds of test R@10 per domain and of dev R@10."""
+    rows = []
+    for variant in spec.variants:
+        mine = [c for c in cells if c["variant"] == variant]
+        row = {"variant": variant, "seeds": sorted(c["seed"] for c in mine)}
+        for domain in spec.domains:
+            row[domain] = mean_std([c["test"][domain][METRIC] for c in mine if domain in c["test"]])
+        row["dev"] = mean_std([c["dev_recall@10"] for c in mine if c.get("dev_recall@10") is not None])
+        rows.append(row)
+    return rows
+
+
+def significance(cells: list[dict], spec: StudySpec, study: Path) -> list[dict]:
+    """Control (lbr) minus each other variant, per domain, paired over (seed, query) on the seeds both finished:
+    ranx.compare on the seed-stacked TREC runs against the seed-stacked qrels."""
+    from lbr_ray.eval.trec import paired_significance, read_qrels, read_run, stack
+
+    if spec.control not in spec.variants:
+        return []
+    by = {(c["variant"], c["seed"]): c for c in cells}
+    out = []
+    for domain in spec.domains:
+        qrels_file = study / "qrels" / f"{domain}.trec"
+        if not qrels_file.is_file():
+            continue
+        qrels = read_qrels(qrels_file)
+        for other in spec.variants:
+            if other == spec.control:
+                continue
+            seeds = [s for s in spec.seeds if (spec.control, s) in by and (other, s) in by]
+            if not seeds:
+                continue
+            runs = {v: stack({s: read_run(study / "cells" / by[(v, s)]["cell"] / "runs" / f"{domain}.trec")
+                              for s in seeds}) for v in (spec.control, other)}
+            test = paired_significance(stack({s: qrels for s in seeds}), runs[spec.control], runs[other],
+                                       (spec.control, other), METRIC, spec.stat_test, spec.max_p)
+            out.append({"domain": domain, "seeds": seeds, **test})
+    return out
+
+
+def bm25_reference(cfg: LbrConfig, spec: StudySpec, study: Path) -> dict:
+    """BM25 on the same test eval sets (TREC runs under <study>/bm25/): {domain: R@10}."""
+    from lbr_ray.eval.baselines import BM25Retriever
+    from lbr_ray.eval.evaluator import RetrievalEvaluator
+    from lbr_ray.eval.trec import write_run
+
+    ev = RetrievalEvaluator(eval_options(cfg, spec, study / "embedding_cache"), keep_ranking=True,
+                            log=lambda msg: None)
+    res = ev.evaluate(BM25Retriever(), "bm25")
+    out = {}
+    for domain, r in res["domains"].items():
+        write_run(ev.eval_set(domain), r["top"], r["scores"], study / "bm25" / f"{domain}.trec", "bm25")
+        out[domain] = r["rows"][0][METRIC]
+    return out
+
+
+def write_results(cfg: LbrConfig, spec: StudySpec, study: Path, finished: bool = True) -> dict:
+    from lbr_ray.tune.space import tuning_config
+
+    cells = read_cells(study)
+    rows = summarize(cells, spec)
+    sig = significance(cells, spec, study)
+    bm25 = bm25_reference(cfg, spec, study)
+    sessions = [json.loads(line) for line in (study / "sessions.jsonl").read_text().splitlines() if line.strip()] \
+        if (study / "sessions.jsonl").is_file() else []
+    t = tuning_config(cfg)
+    doc = {"spec": asdict(spec), "finished": finished, "cells_done": len(cells),
+           "cells_total": len(spec.variants) * len(spec.seeds), "metric": METRIC,
+           "steps": {"ib_gl": t.ib_gl.max_steps, "gr_cl": t.gr_cl.max_steps}, "model": cfg.model.name,
+           "wall_s": sum(s["wall_s"] for s in sessions), "sessions": sessions,
+           "table": [{**r, **{d: {"mean": r[d][0], "std": r[d][1]} for d in (*spec.domains, "dev")}} for r in rows],
+           "bm25": bm25, "significance": sig,
+           "cells": [{k: c.get(k) for k in ("cell", "variant", "seed", "dev_recall@10", "dev_bm25_recall@10",
+                                            "stage2_steps", "stage1_reused", "cell_s", "test")} for c in cells]}
+    (study / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    _write_csv(rows, spec, study / "results.csv")
+    (study / "results.md").write_text(markdown(doc, spec))
+    doc["plot"] = str(plot(rows, bm25, spec, study / "study.png"))
+    print(f"[lbr] study: wrote {study}/results.md, results.csv, results.json, study.png", flush=True)
+    return doc
+
+
+def _write_csv(rows: list[dict], spec: StudySpec, path: Path) -> None:
+    import csv
+
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["variant", "seeds", *[f"{d}_{METRIC}_{s}" for d in (*spec.domains, "dev") for s in
+                                          ("mean", "std")]])
+        for r in rows:
+            w.writerow([r["variant"], " ".join(map(str, r["seeds"])),
+                        *[None if x is None else round(x, 6) for d in (*spec.domains, "dev") for x in r[d]]])
+
+
+def _ms(pair) -> str:
+    mean, std = pair
+    return "-" if mean is None else f"{mean:.4f} ± {std:.4f}"
+
+
+def markdown(doc: dict, spec: StudySpec) -> str:
+    cols = [f"{spec.target} (target)", *[f"{d} (held-out)" for d in spec.heldout]]
+    lines = [f"# Does LBR help? Study on target {spec.target}", "",
+             f"Cells done: {doc['cells_done']} of {doc['cells_total']}"
+             + ("" if doc["finished"] else " (interrupted: `lbr study --output DIR --resume` continues)")
+             + f" · model {doc['model']} · steps: stage 1 {doc['steps']['ib_gl']}, stage 2 {doc['steps']['gr_cl']}"
+             f" · wall time {doc['wall_s']:.0f} s", "",
+             f"Test R@10, mean ± std over seeds (sample std); dev R@10 is the in-domain dev set of training.", "",
+             "| variant | seeds | " + " | ".join(cols) + " | dev R@10 |",
+             "|---|---|" + "---|" * len(cols) + "---|"]
+    for r in doc["table"]:
+        vals = [_ms((r[d]["mean"], r[d]["std"])) for d in spec.domains]
+        lines.append(f"| {r['variant']} | {','.join(map(str, r['seeds'])) or '-'} | " + " | ".join(vals)
+                     + f" | {_ms((r['dev']['mean'], r['dev']['std']))} |")
+    lines.append("| BM25 (reference) | - | " + " | ".join(f"{doc['bm25'].get(d, 0):.4f}" for d in spec.domains)
+                 + " | - |")
+    if doc["significance"]:
+        lines += ["", f"Significance of {spec.control} minus each variant on per-query R@10: ranx.compare "
+                      f"({spec.stat_test} test, paired over the same (seed, query) pairs, max p {spec.max_p}).", "",
+                  "| domain | variant | seeds | queries | mean diff | wins/ties/losses | p | significant |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for s in doc["significance"]:
+            lines.append(f"| {s['domain']} | {s['treatment']} | {','.join(map(str, s['seeds']))} | {s['n_queries']} "
+                         f"| {s['diff']:+.4f} | {s['wins']}/{s['ties']}/{s['losses']} | {s['p_value']:.4f} "
+                         f"| {'yes' if s['significant'] else 'no'} |")
+    lines += ["", "Per-query results: `cells/<cell>/runs/<domain>.trec` (TREC run files), judgements "
+                  "`qrels/<domain>.trec`, BM25 `bm25/<domain>.trec`.", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], bm25: dict, spec: StudySpec, path: Path) -> Path:
+    """Test R@10 per variant (bars: mean over seeds, error bars: std), target and held-out domains side by side,
+    BM25 as a dashed line per domain."""
+    import numpy as np
+
+    from lbr_ray.tune.plots import _plt
+
+    plt = _plt()
+    domains = list(spec.domains)
+    width = 0.8 / max(len(rows), 1)
+    fig, ax = plt.subplots(figsize=(2.2 * len(domains) + 3.5, 4.2))
+    x = np.arange(len(domains))
+    for i, r in enumerate(rows):
+        means = [r[d][0] if r[d][0] is not None else np.nan for d in domains]
+        stds = [r[d][1] if r[d][1] is not None else 0.0 for d in domains]
+        ax.bar(x + (i - (len(rows) - 1) / 2) * width, means, width, yerr=stds, capsize=3,
+               label=f"{r['variant']} (n={len(r['seeds'])})")
+    for j, d in enumerate(domains):
+        if d in bm25:
+            ax.hlines(bm25[d], j - 0.45, j + 0.45, colors="black", linestyles="dashed",
+                      label="BM25" if j == 0 else None)
+    ax.set_xticks(x, [f"{d}\n(target)" if d == spec.target else f"{d}\n(held-out)" for d in domains])
+    ax.set_ylabel("test R@10")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("Test R@10 per variant: mean ± std over seeds", fontsize=10)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+__all__ = ["StudySpec", "VARIANTS", "check_spec", "study_config", "run_study", "write_results", "load_study",
+           "parse_list", "significance", "summarize"]

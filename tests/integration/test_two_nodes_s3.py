@@ -96,8 +96,9 @@ def test_two_nodes_checkpoint_to_s3_resume_from_s3_past_a_damaged_checkpoint(two
     out = f"s3://{BUCKET}/run"
     args = ["train", "--stage", "ib-gl", "--config", "configs/demo.yaml", "--address", two_nodes["address"],
             "--data", f"s3://{BUCKET}/data/medical", "--output", out, "--num-workers", "2"]
-    for o in ("data.max_input_tokens=48", "data.max_target_tokens=48", "ib_gl.batch_size=8", f"ib_gl.max_steps={STEPS}",
-              "ib_gl.log_every=1", "ib_gl.checkpoint_every=4", "run.self_check=false", "scaling.worker_resource=lbr_worker"):
+    for o in ("data.max_input_tokens=48", "data.max_target_tokens=48", "ib_gl.batch_size=8",
+              f"ib_gl.max_steps={STEPS}", "ib_gl.log_every=1", "ib_gl.checkpoint_every=4", "run.self_check=false",
+              "scaling.worker_resource=lbr_worker"):
         args += ["--set", o]
     fs, stage = storage.filesystem(f"{out}/ib_gl")
 

@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.conftest import free_port
@@ -26,27 +25,6 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "lbr-test"
 STEPS = 16
-
-
-def stop_pids(pids: list[int]) -> None:
-    procs = []
-    for pid in pids:
-        try:
-            p = psutil.Process(pid)
-            procs += [p, *p.children(recursive=True)]
-        except psutil.Error:
-            continue
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=10)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
 
 
 @pytest.fixture(scope="module")
@@ -63,23 +41,28 @@ def bucket(s3_server):
 
 @pytest.fixture(scope="module")
 def two_nodes(bucket, tmp_path_factory):
-    """A Ray head and a second node (`ray start`), each with 2 CPUs and one `lbr_worker`, in their own temp dir;
-    stopped by pid (never `ray stop`, which would stop other Ray instances on the machine)."""
-    temp = Path(f"/tmp/lbr2n-{os.getpid()}")
-    port = free_port()
-    env = {**os.environ, **bucket, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
-           "RAY_USAGE_STATS_ENABLED": "0"}
-    ray_bin = str(Path(sys.executable).parent / "ray")
-    common = ["--num-cpus=2", '--resources={"lbr_worker": 1}', "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
-    head = [ray_bin, "start", "--head", f"--port={port}", f"--temp-dir={temp}", "--include-dashboard=false", *common]
-    subprocess.run(head, env=env, check=True, capture_output=True, timeout=120)
-    subprocess.run([ray_bin, "start", f"--address=127.0.0.1:{port}", *common], env=env, check=True,
-                   capture_output=True, timeout=120)
+    """A Ray head (lbr's local head: loopback only, free ports) and a second node joined with `ray start
+    --address`, each with 2 CPUs, one `lbr_worker` and its own temp dir; both stopped by pid (never `ray stop`,
+    which would stop other Ray instances on the machine)."""
+    from lbr_ray.cluster import local_head as lh
+
+    os.environ["LBR_CLUSTER_STATE_DIR"] = str(tmp_path_factory.mktemp("clusters"))
+    node = ["--num-cpus=2", '--resources={"lbr_worker": 1}']
+    head, _ = lh.start_head("lbr-2n", ROOT / "clusters" / "local.yaml", extra_args=node)
+    second_tmp = Path(f"{head.temp_dir}-b")
+    env = {**lh.loopback_env(), **bucket, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+    ports = [a for flag in ("node-manager-port", "object-manager-port", "metrics-export-port",
+                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")
+             for a in (f"--{flag}", str(free_port()))]
     try:
-        yield {"address": f"127.0.0.1:{port}", "env": env}
+        subprocess.run([lh.ray_executable(), "start", "--address", head.gcs_address, "--node-ip-address",
+                        "127.0.0.1", "--temp-dir", str(second_tmp), "--disable-usage-stats", *node, *ports],
+                       env={**env, **{k: str(free_port()) for k in lh.METRIC_PORT_ENVS}}, check=True,
+                       capture_output=True, timeout=120, cwd=Path.home())
+        yield {"address": head.gcs_address, "env": env}
     finally:
-        ours = [p.pid for p in psutil.process_iter(["cmdline"]) if str(temp) in " ".join(p.info["cmdline"] or [])]
-        stop_pids(ours)
+        lh._kill_matching((f"{second_tmp}/session_", f"--temp-dir={second_tmp}"), 3.0)
+        lh.stop_head("lbr-2n")
 
 
 def lbr(env: dict, *args: str) -> subprocess.Popen:

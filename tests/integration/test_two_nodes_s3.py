@@ -55,10 +55,11 @@ def two_nodes(bucket, tmp_path_factory):
                             "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")
              for a in (f"--{flag}", str(free_port()))]
     try:
-        subprocess.run([lh.ray_executable(), "start", "--address", head.gcs_address, "--node-ip-address",
-                        "127.0.0.1", "--temp-dir", str(second_tmp), "--disable-usage-stats", *node, *ports],
-                       env={**env, **{k: str(free_port()) for k in lh.METRIC_PORT_ENVS}}, check=True,
-                       capture_output=True, timeout=120, cwd=Path.home())
+        r = subprocess.run([lh.ray_executable(), "start", "--address", head.gcs_address, "--node-ip-address",
+                            "127.0.0.1", "--temp-dir", str(second_tmp), "--disable-usage-stats", *node, *ports],
+                           env={**env, **{k: str(free_port()) for k in lh.METRIC_PORT_ENVS}}, capture_output=True,
+                           text=True, timeout=120, cwd=Path.home())
+        assert r.returncode == 0, f"second node: {r.stdout[-2000:]}\n{r.stderr[-3000:]}"
         yield {"address": head.gcs_address, "env": env}
     finally:
         lh._kill_matching((f"{second_tmp}/session_", f"--temp-dir={second_tmp}"), 3.0)

@@ -245,5 +245,6 @@ def check_fits(cfg: LbrConfig, stages: tuple[str, ...]) -> None:
     for p in plan(cfg, stages, gpu_bytes=gpu):
         if not p.fits:
             fix = "; ".join(p.advice[:2])
+            fix = fix if fix.startswith("no single change") else f"try {fix}"
             raise ConfigError(f"{p.stage} needs about {p.total / GIB:.1f} GiB per GPU, more than {gpu / GIB:.0f} GiB "
-                              f"x {1 - RESERVE:.0%} (`lbr plan --config ...` for the breakdown); try {fix}")
+                              f"x {1 - RESERVE:.0%} (`lbr plan --config ...` for the breakdown); {fix}")

@@ -99,3 +99,29 @@ def s3_server():
                 os.environ[k] = v
         proc.terminate()
         proc.wait(timeout=10)
+
+
+@pytest.fixture
+def lbr(monkeypatch, capsys):
+    """Run `lbr ARGS` in this process; returns (exit code, stderr), stdout in `.out`. Starting Ray fails the test."""
+    import sys
+
+    import ray
+
+    def no_ray(*a, **k):
+        raise AssertionError("the command reached ray.init: the check must come before Ray starts")
+
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def run(*args) -> tuple[int, str]:
+        from cli.main import main
+
+        monkeypatch.setattr(sys, "argv", ["lbr", *map(str, args)])
+        with pytest.raises(SystemExit) as info:
+            main()
+        captured = capsys.readouterr()
+        run.out = captured.out
+        return info.value.code, captured.err.strip()
+
+    return run

@@ -56,15 +56,18 @@ def _init_ray(cfg: LbrConfig, address: str | None, quiet: bool = False) -> None:
 
 
 class MetricsLog(UserCallback):
-    """Appends rank 0's reported metrics to <stage>/metrics.jsonl (runs in the Train controller)."""
+    """Appends rank 0's reported metrics to <stage>/metrics.jsonl (runs in the Train controller); with a remote
+    output, the file is uploaded at every checkpoint, so an interrupted run's log survives with its checkpoints."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, path: Path, remote: str | None = None):
+        self.path, self.remote = path, remote
 
     def after_report(self, run_context, metrics, checkpoint):
         if metrics and metrics[0]:
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(metrics[0]) + "\n")
+        if checkpoint is not None and self.remote:
+            _put(self.path, self.remote)
 
 
 class ManifestWriter(UserCallback):
@@ -142,8 +145,10 @@ def run_stage(cfg: LbrConfig, stage: str, train_fn, datasets: dict, init: str | 
 
     stage_dir = prepare_stage_dir(cfg, stage)
     _, uri = stage_paths(cfg, stage)
-    if uri is not None:  # resumed: continue the metrics log where the storage has it
-        _fetch(storage.join(uri, "metrics.jsonl"), stage_dir / "metrics.jsonl")
+    remote_log = storage.join(uri, "metrics.jsonl") if uri else None
+    if uri is not None:  # resumed: continue the metrics log where the storage has it; the config goes up now
+        _fetch(remote_log, stage_dir / "metrics.jsonl")
+        _put(stage_dir / "config.yaml", storage.join(uri, "config.yaml"))
     fs, storage_path = storage.filesystem(uri.rsplit("/", 1)[0]) if uri else (None, str(stage_dir.parent))
     start = time.time()
     trainer = LbrTorchTrainer(
@@ -157,7 +162,7 @@ def run_stage(cfg: LbrConfig, stage: str, train_fn, datasets: dict, init: str | 
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=max_failures(cfg)),
                              logging_config=LoggingConfig(log_level="WARNING") if quiet else None,
-                             callbacks=[MetricsLog(stage_dir / "metrics.jsonl"), ManifestWriter(),
+                             callbacks=[MetricsLog(stage_dir / "metrics.jsonl", remote_log), ManifestWriter(),
                                         *(callbacks or [])]),
         datasets=datasets,
     )
@@ -192,6 +197,12 @@ def worker_resources(cfg: LbrConfig) -> dict:
     if cfg.scaling.worker_resource:
         res[cfg.scaling.worker_resource] = 1
     return res
+
+
+def _put(src: Path, dest: str) -> None:
+    fs, path = storage.filesystem(dest)
+    with fs.open_output_stream(path) as fh:
+        fh.write(src.read_bytes())
 
 
 def _fetch(src: str, dest: Path) -> None:

@@ -26,29 +26,6 @@ def pairs_file(path: Path, n: int = 40, lines: dict[int, str | bytes] | None = N
     return path
 
 
-@pytest.fixture
-def lbr(monkeypatch, capsys):
-    """Run `lbr ARGS` in this process; returns (exit code, stderr). Starting Ray fails the test."""
-    import ray
-
-    def no_ray(*a, **k):
-        raise AssertionError("the command reached ray.init: the check must come before Ray starts")
-
-    monkeypatch.setattr(ray, "init", no_ray)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def run(*args) -> tuple[int, str]:
-        from cli.main import main
-
-        monkeypatch.setattr(sys, "argv", ["lbr", *map(str, args)])
-        with pytest.raises(SystemExit) as info:
-            main()
-        err = capsys.readouterr().err.strip()
-        return info.value.code, err
-
-    return run
-
-
 def one_line(code: int, err: str, *needles: str) -> str:
     assert code == 2, err
     lines = err.splitlines()

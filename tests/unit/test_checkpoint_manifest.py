@@ -92,3 +92,16 @@ def test_no_manifest_when_a_ranks_upload_is_short(tmp_path):
     ck = fake_checkpoint(tmp_path / "s", "checkpoint_x", 4)
     (ck / "ds" / "state" / "zero_pp_rank_0_optim_states.pt").unlink()
     assert manifest.write_manifest(LOCAL, str(ck)) is None and not (ck / "manifest.json").exists()
+
+
+def test_max_failures_reach_train_and_tune():
+    """run.max_failures -> Ray Train's FailureConfig; Tune retries trials likewise unless tune.max_failures says."""
+    from lbr_ray.config import load_config
+    from lbr_ray.train.launcher import max_failures
+    from lbr_ray.tune.search import trial_failures
+
+    cfg = load_config("configs/demo.yaml", ["run.max_failures=2"])
+    assert max_failures(cfg) == 2 and trial_failures(cfg) == 2
+    assert trial_failures(load_config("configs/demo.yaml", ["run.max_failures=2", "tune.max_failures=0"])) == 0
+    with pytest.raises(Exception, match="run.max_failures must be >= -1"):
+        load_config("configs/demo.yaml", ["run.max_failures=-5"])

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -57,22 +55,19 @@ def test_qwen05_full_finetune_fits_80g_not_8g_and_advice_fits(qwen_dir):
     assert lora.parts["optimizer"] < ib.parts["optimizer"] / 20  # LoRA: ~1% trainable
 
 
-def test_train_refuses_a_plan_that_cannot_fit(qwen_dir, tmp_path):
-    code = "from cli.main import main; import sys; sys.argv = ['lbr'] + sys.argv[1:]; main()"
-    out = subprocess.run([sys.executable, "-c", code, "train", "--config", "configs/demo.yaml", "--output",
-                          str(tmp_path / "run"), "--set", f"model.name={qwen_dir}", "--set", "model.from_scratch=true",
-                          "--set", "scaling.gpu_memory=2GiB", "--set", "data.corpus=[]"],
-                         capture_output=True, text=True, timeout=180, cwd=ROOT)
-    assert out.returncode == 2, out.stderr[-2000:]
-    line = out.stderr.strip().splitlines()[-1]
-    assert "ib_gl needs about" in line and "more than 2 GiB" in line and "lbr plan" in line
+def test_train_refuses_a_plan_that_cannot_fit(qwen_dir, tmp_path, lbr):
+    code, err = lbr("train", "--config", "configs/demo.yaml", "--output", tmp_path / "run", "--set",
+                    f"model.name={qwen_dir}", "--set", "model.from_scratch=true", "--set", "scaling.gpu_memory=2GiB",
+                    "--set", "data.corpus=[]")
+    assert code == 2, err
+    assert len(err.splitlines()) == 1 and "ib_gl needs about" in err and "more than 2 GiB" in err and "lbr plan" in err
     assert not (tmp_path / "run").exists()
 
 
-def test_plan_command(qwen_dir):
-    code = "from cli.main import main; import sys; sys.argv = ['lbr'] + sys.argv[1:]; main()"
-    out = subprocess.run([sys.executable, "-c", code, "plan", "--config", "configs/qwen2.5-0.5b-medical.yaml",
-                          "--set", f"model.name={qwen_dir}", "--gpu-memory", "80GiB", "--num-workers", "4"],
-                         capture_output=True, text=True, timeout=180, cwd=ROOT)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "ib_gl:" in out.stdout and "gr_cl:" in out.stdout and "fits in 80 GiB" in out.stdout
+def test_plan_command(qwen_dir, lbr):
+    code, _ = lbr("plan", "--config", "configs/qwen2.5-0.5b-medical.yaml", "--set", f"model.name={qwen_dir}",
+                  "--gpu-memory", "80GiB", "--num-workers", "4")
+    assert code == 0 and "ib_gl:" in lbr.out and "gr_cl:" in lbr.out and "fits in 80 GiB" in lbr.out
+    code, _ = lbr("plan", "--config", "configs/qwen2.5-0.5b-medical.yaml", "--set", f"model.name={qwen_dir}",
+                  "--set", "model.lora=false", "--gpu-memory", "4GiB")
+    assert code == 1 and "does NOT fit in 4 GiB" in lbr.out and "  - " in lbr.out  # with what would fit

@@ -2,11 +2,11 @@
 
 A Ray Train run reserves its workers' CPUs/GPUs in a placement group created by its TrainController actor. When
 Tune stops a trial early (ASHA) or the sweep is interrupted, the trial actor is killed, and with it the controller
-before it can remove the group. Ray removes a group only once its creator actor *and* the job are gone, and Ray
-Train's own PlacementGroupCleaner needs the State API (the dashboard, which lbr does not start), so the group would
-hold its resources for the rest of the sweep and the next trial's workers would never start. So every Train worker
-records its group in <trial>/placement_groups.txt, and the sweep removes the recorded groups of every trial that
-Tune stopped, and after the sweep loop ends.
+before it can remove the group. Ray removes a group only once its creator actor *and* the job are gone. Ray
+Train's detached PlacementGroupCleaner (made to work on an embedded Ray by lbr_ray/train/pg_cleaner.py) removes it
+on its next poll; this module does it at once, at the sweep's own decision points, so that the next trial never
+waits for the freed CPUs: every Train worker records its group in <trial>/placement_groups.txt, and the sweep
+removes the recorded groups of every trial that Tune stopped, and after the sweep loop ends.
 """
 from __future__ import annotations
 

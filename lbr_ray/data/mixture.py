@@ -54,8 +54,8 @@ def documents(cfg: LbrConfig, source: str) -> ray.data.Dataset:
     sub = replace(cfg, data={"pairs": tuple(pairs), "corpus": tuple(corpus)}, ib_gl={"use_corpus": True})
     if pairs:
         return ray_data.stage1_texts(sub, ray_data.summarize(sub).heldout_keys)
-    return ray_data.read_records(corpus, "corpus", cfg.data.on_bad_record).filter(
-        lambda r: not r["_error"]).select_columns(["text"])
+    records = ray_data.read_records(corpus, "corpus", cfg.data.on_bad_record, cfg.data.max_record_bytes)
+    return records.filter(lambda r: ray_data.keeps_corpus_row(r, set())).select_columns(["text"])
 
 
 def mixture(cfg: LbrConfig) -> tuple[ray.data.Dataset, dict]:

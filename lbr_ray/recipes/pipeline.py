@@ -127,8 +127,9 @@ def matched_steps(cfg: LbrConfig, heldout_keys: set[str] = frozenset(), sample: 
 def mean_row_tokens(cfg: LbrConfig, heldout_keys: set[str] = frozenset(), sample: int = 512) -> tuple[float, float]:
     """Mean tokens per stage-1 row (the lbr variant's IB rows) and per stage-2 pair (all its rows), measured on a
     deterministic sample of the records each stage reads, tokenized by the stages' own UDFs."""
-    import heapq
     import hashlib
+    import heapq
+    import itertools
 
     from lbr_ray.data.readers import read_all
     from lbr_ray.data.split import split_of
@@ -136,7 +137,7 @@ def mean_row_tokens(cfg: LbrConfig, heldout_keys: set[str] = frozenset(), sample
     def pick(rows, key):  # the `sample` rows with the smallest sha1(seed, key): order-free and deterministic
         return heapq.nsmallest(sample, rows, key=lambda r: hashlib.sha1(f"{cfg.run.seed}:{key(r)}".encode()).digest())
 
-    def columns(rows: list[dict]) -> dict:
+    def as_batch(rows: list[dict]) -> dict:  # row dicts -> the numpy column batch a Ray Data UDF receives
         return {k: np.array([r.get(k) for r in rows] + [None], dtype=object)[:-1] for k in rows[0]}
 
     types = cfg.data.types
@@ -145,16 +146,16 @@ def mean_row_tokens(cfg: LbrConfig, heldout_keys: set[str] = frozenset(), sample
     if cfg.ib_gl.target == "pair":
         rows1 = pick([r for r in train if ray_data.keeps_pair_row(r, heldout_keys)], lambda r: r["query"])
     else:
-        texts = [d for r in train for d in ray_data.pair_texts(r, heldout_keys)]
-        if cfg.ib_gl.use_corpus and cfg.data.corpus:
-            texts += [{"text": r["text"]} for r in read_all(cfg.data.corpus, "corpus")
-                      if ray_data.keeps_corpus_row(r, heldout_keys)]
+        texts = (d for r in train for d in ray_data.pair_texts(r, heldout_keys))
+        if cfg.ib_gl.use_corpus and cfg.data.corpus:  # streamed into the sample, never held as a list
+            texts = itertools.chain(texts, ({"text": r["text"]} for r in read_all(cfg.data.corpus, "corpus")
+                                            if ray_data.keeps_corpus_row(r, heldout_keys)))
         rows1 = pick(texts, lambda r: r["text"])
     lm_cfg = replace(cfg, run={"variant": "lbr"})  # the two-stage reference builds IB rows
-    built1 = ray_data.TokenizeStage1(to_dict(lm_cfg))(columns(rows1))
+    built1 = ray_data.TokenizeStage1(to_dict(lm_cfg))(as_batch(rows1))
     rows2 = [{**r, "_file": "", "_line": 0} for r in pick(train, lambda r: r["query"] + r["positive"])]
-    built2 = ray_data.TokenizeStage2(to_dict(cfg), cfg.model.name, heldout_keys)(columns(rows2))
-    per_row1 = sum(len(ids) for ids in built1["ib_ids"]) / len(rows1)
+    built2 = ray_data.TokenizeStage2(to_dict(cfg), cfg.model.name, heldout_keys)(as_batch(rows2))
+    per_row1 = sum(len(ids) for ids in built1["ib_ids"]) / len(built1["ib_ids"])  # per row: packed rows hold several
     per_row2 = sum(len(ids) for k, col in built2.items() if k.endswith("_ids") for ids in col) / len(rows2)
     return per_row1, per_row2
 

@@ -48,6 +48,19 @@ def config_from_dict(raw: dict) -> LbrConfig:
     return cfg
 
 
+def with_overrides(cfg: LbrConfig, overrides: list[str] | tuple[str, ...]) -> LbrConfig:
+    """`cfg` with `key=value` overrides applied and checked as `load_config` checks a file's."""
+    raw = to_dict(cfg)
+    for item in overrides:
+        _apply_override(raw, item)
+    problems: list[str] = []
+    out = _build(LbrConfig, raw, "", problems)
+    problems += validate(out) if not problems else []
+    if problems:
+        raise ConfigError(problems)
+    return out
+
+
 def to_dict(cfg) -> dict:
     return dataclasses.asdict(cfg)
 

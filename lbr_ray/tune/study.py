@@ -12,7 +12,9 @@ held-out domains, with per-query TREC run files, mean +- std over seeds and pair
 <study>/results.{md,json,csv}, <study>/study.png
 
 Variants: lbr, gl-cl, cl (lbr_ray.recipes.pipeline) and cl-mc (= cl with --match-compute: stage 2 gets the
-two-stage variants' compute). Steps come from tune.ib_gl_steps / tune.gr_cl_steps (default: the config's own).
+two-stage variants' compute), each optionally with config overrides and its own seeds: `lbr+bottleneck.k=2@0`
+(a k sweep point at seed 0), `cl+model.from_scratch=true` (a from-scratch control). Steps come from
+tune.ib_gl_steps / tune.gr_cl_steps (default: the config's own).
 """
 from __future__ import annotations
 
@@ -63,12 +65,35 @@ def parse_list(text: str | None, kind=str) -> tuple:
     return tuple(kind(t) for t in items)
 
 
+def parse_variant(text: str) -> tuple[str, tuple[str, ...], tuple[int, ...] | None]:
+    """'lbr+bottleneck.k=2@0/1' -> ('lbr', ('bottleneck.k=2',), (0, 1)): the variant, config overrides in --set
+    syntax, and the seeds it runs (None: the study's --seeds)."""
+    body, _, seeds = text.partition("@")
+    name, *overrides = body.split("+")
+    return name, tuple(overrides), tuple(int(s) for s in seeds.split("/")) if seeds else None
+
+
+def grid_cells(spec: StudySpec) -> list[dict]:
+    """The cells in run order: seed by seed over the variants that run every seed, then the variants pinned to
+    seeds (`@0`), so that an interrupted study has whole seeds of the main grid first."""
+    pinned = {v: parse_variant(v)[2] for v in spec.variants}
+    cells = [{"variant": v, "seed": s} for s in spec.seeds for v in spec.variants if pinned[v] is None]
+    return cells + [{"variant": v, "seed": s} for v in spec.variants if pinned[v] for s in pinned[v]]
+
+
 def check_spec(spec: StudySpec) -> None:
     """Every problem with the grid at once, before Ray starts: unknown variants, no seeds, missing domain folders."""
     problems = []
-    unknown = [v for v in spec.variants if v not in VARIANTS]
+    unknown = []
+    for v in spec.variants:
+        try:
+            if parse_variant(v)[0] not in VARIANTS:
+                unknown.append(v)
+        except ValueError:
+            problems.append(f"variant {v!r}: the seeds after @ must be integers separated by /")
     if unknown:
-        problems.append(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)}")
+        problems.append(f"unknown variant(s) {', '.join(unknown)}: choose from {', '.join(VARIANTS)} (each may "
+                        f"add +key=value overrides and @seeds)")
     if not spec.variants:
         problems.append("--variants is empty")
     if len(set(spec.variants)) != len(spec.variants) or len(set(spec.seeds)) != len(spec.seeds):
@@ -101,15 +126,24 @@ def study_config(cfg: LbrConfig, spec: StudySpec, output: str | Path) -> LbrConf
     cfg = replace(cfg, data={"pairs": tuple(resolve_paths([str(folder)], "pairs")), "corpus": corpus},
                   tune={"output": str(Path(output).expanduser().resolve()), "asha": False, "search": "grid",
                         "num_samples": 1})
-    return absolute_paths(cfg)
+    cfg = absolute_paths(cfg)
+    for variant in spec.variants:  # a bad override stops here, before Ray starts
+        cell_config(cfg, variant, spec.seeds[0] if spec.seeds else 0, Path(output))
+    return cfg
 
 
 def cell_config(base: LbrConfig, variant: str, seed: int, out: Path) -> tuple[LbrConfig, bool]:
     """(the config one cell trains with, match_compute)."""
+    from lbr_ray.config import with_overrides
     from lbr_ray.tune.space import tuning_config
 
-    name, match = VARIANTS[variant]
-    cfg = replace(tuning_config(base), run={"seed": int(seed), "variant": name, "output": str(out), "resume": False})
+    name, overrides, _ = parse_variant(variant)
+    name, match = VARIANTS[name]
+    try:
+        cfg = with_overrides(tuning_config(base), overrides)
+    except ConfigError as e:
+        raise ConfigError(f"variant {variant!r}: {e}") from None
+    cfg = replace(cfg, run={"seed": int(seed), "variant": name, "output": str(out), "resume": False})
     return cfg, match
 
 
@@ -138,7 +172,10 @@ def evaluate_cell(model_dir: Path, cfg: LbrConfig, spec: StudySpec, study: Path,
         write_run(eset, res.pop("top"), res.pop("scores"), cell / "runs" / f"{domain}.trec", tag)
         if not (study / "qrels" / f"{domain}.trec").is_file():
             write_qrels(eset, study / "qrels" / f"{domain}.trec")
-        out[domain] = {k: v for k, v in res["rows"][0].items() if k not in ("group", "difficulty")}
+        groups = {r["group"]: r for r in res["rows"]}
+        out[domain] = {k: v for k, v in groups["all"].items() if k not in ("group", "difficulty")}
+        if "hard" in groups:  # the lexically easy pair types (term_ctx, section) left out
+            out[domain].update({f"hard_{METRIC}": groups["hard"][METRIC], "hard_queries": groups["hard"]["n_queries"]})
     write_reports(results, cell / "test", title=f"Test split: study cell {tag}")
     return out
 
@@ -152,7 +189,7 @@ def study_cell(params: dict, base: dict, study: str, spec: dict) -> None:
     from lbr_ray.tune.search import _write_json
     from lbr_ray.tune.stage1 import ensure_stage1
 
-    study, spec = Path(study), spec_from_dict(spec)
+    study, spec, params = Path(study), spec_from_dict(spec), params["cell"]
     name = tune.get_context().get_trial_name()
     cell = study / "cells" / name
     cell.mkdir(parents=True, exist_ok=True)
@@ -203,18 +240,25 @@ def build_tuner(cfg: LbrConfig, spec: StudySpec, study: Path, callbacks: list | 
     from ray.tune.search import BasicVariantGenerator
 
     from lbr_ray.tune.cleanup import ReleaseStoppedTrials
-    from lbr_ray.tune.search import EXPERIMENT, _trial_name, concurrency
+    from lbr_ray.tune.search import EXPERIMENT, concurrency
 
-    # the grid varies seed fastest (Tune orders the keys by name): cells run seed by seed within a variant, in the
-    # order of --variants
-    space = {"variant": tune.grid_search(list(spec.variants)), "seed": tune.grid_search(list(spec.seeds))}
+    space = {"cell": tune.grid_search(grid_cells(spec))}  # one grid axis: the cells in run order
     tune_config = tune.TuneConfig(metric=f"test_{spec.target}_{METRIC}", mode="max",
                                   search_alg=BasicVariantGenerator(max_concurrent=concurrency(cfg)),
-                                  num_samples=1, trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+                                  num_samples=1, trial_name_creator=cell_name, trial_dirname_creator=cell_name)
     run_config = tune.RunConfig(name=EXPERIMENT, storage_path=str(study), verbose=1,
                                 callbacks=[ReleaseStoppedTrials(study / "cells"), *(callbacks or [])],
                                 failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures))
     return tune.Tuner(trainable(cfg, spec, study), param_space=space, tune_config=tune_config, run_config=run_config)
+
+
+def cell_name(trial) -> str:
+    """e.g. 00004_variant=lbr+bottleneck.k=2@0_seed=0 (file-name safe)."""
+    import re
+
+    cell = trial.config["cell"]
+    index = trial.trial_id.rsplit("_", 1)[-1]
+    return re.sub(r"[^\w.+=@-]", "-", f"{index}_variant={cell['variant']}_seed={cell['seed']}")
 
 
 def check_study_folder(study: Path, resume: bool) -> None:
@@ -267,7 +311,7 @@ def run_study(cfg: LbrConfig, spec: StudySpec, study: str | Path, resume: bool =
         grid = tuner.fit()
     finally:
         remove_recorded(study)
-    cells = len(spec.variants) * len(spec.seeds)
+    cells = len(grid_cells(spec))
     finished = grid.num_terminated + grid.num_errors == len(grid) >= cells
     with open(study / "sessions.jsonl", "a") as fh:
         fh.write(json.dumps({"start": t0, "wall_s": time.time() - t0, "resume": resume, "finished": finished}) + "\n")
@@ -305,6 +349,8 @@ def summarize(cells: list[dict], spec: StudySpec) -> list[dict]:
         row = {"variant": variant, "seeds": sorted(c["seed"] for c in mine)}
         for domain in spec.domains:
             row[domain] = mean_std([c["test"][domain][METRIC] for c in mine if domain in c["test"]])
+            row[f"{domain}:hard"] = mean_std([c["test"][domain][f"hard_{METRIC}"] for c in mine
+                                              if f"hard_{METRIC}" in c["test"].get(domain, {})])
         row["dev"] = mean_std([c["dev_recall@10"] for c in mine if c.get("dev_recall@10") is not None])
         rows.append(row)
     return rows
@@ -327,7 +373,7 @@ def significance(cells: list[dict], spec: StudySpec, study: Path) -> list[dict]:
         for other in spec.variants:
             if other == spec.control:
                 continue
-            seeds = [s for s in spec.seeds if (spec.control, s) in by and (other, s) in by]
+            seeds = sorted(s for (v, s) in by if v == other and (spec.control, s) in by)
             if not seeds:
                 continue
             runs = {v: stack({s: read_run(study / "cells" / by[(v, s)]["cell"] / "runs" / f"{domain}.trec")
@@ -365,10 +411,10 @@ def write_results(cfg: LbrConfig, spec: StudySpec, study: Path, finished: bool =
         if (study / "sessions.jsonl").is_file() else []
     t = tuning_config(cfg)
     doc = {"spec": asdict(spec), "finished": finished, "cells_done": len(cells),
-           "cells_total": len(spec.variants) * len(spec.seeds), "metric": METRIC,
+           "cells_total": len(grid_cells(spec)), "metric": METRIC,
            "steps": {"ib_gl": t.ib_gl.max_steps, "gr_cl": t.gr_cl.max_steps}, "model": cfg.model.name,
            "wall_s": sum(s["wall_s"] for s in sessions), "sessions": sessions,
-           "table": [{**r, **{d: {"mean": r[d][0], "std": r[d][1]} for d in (*spec.domains, "dev")}} for r in rows],
+           "table": table(rows, spec),
            "bm25": bm25, "significance": sig,
            "cells": [{k: c.get(k) for k in ("cell", "variant", "seed", "dev_recall@10", "dev_bm25_recall@10",
                                             "stage2_steps", "stage1_reused", "cell_s", "test")} for c in cells]}
@@ -380,16 +426,24 @@ def write_results(cfg: LbrConfig, spec: StudySpec, study: Path, finished: bool =
     return doc
 
 
+def _columns(spec: StudySpec) -> tuple[str, ...]:
+    return (*spec.domains, "dev", *[f"{d}:hard" for d in spec.domains])
+
+
+def table(rows: list[dict], spec: StudySpec) -> list[dict]:
+    """summarize's rows with each (mean, std) as a mapping (results.json, markdown)."""
+    return [{**r, **{d: {"mean": r[d][0], "std": r[d][1]} for d in _columns(spec)}} for r in rows]
+
+
 def _write_csv(rows: list[dict], spec: StudySpec, path: Path) -> None:
     import csv
 
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["variant", "seeds", *[f"{d}_{METRIC}_{s}" for d in (*spec.domains, "dev") for s in
-                                          ("mean", "std")]])
+        w.writerow(["variant", "seeds", *[f"{d}_{METRIC}_{s}" for d in _columns(spec) for s in ("mean", "std")]])
         for r in rows:
             w.writerow([r["variant"], " ".join(map(str, r["seeds"])),
-                        *[None if x is None else round(x, 6) for d in (*spec.domains, "dev") for x in r[d]]])
+                        *[None if x is None else round(x, 6) for d in _columns(spec) for x in r[d]]])
 
 
 def _ms(pair) -> str:
@@ -413,6 +467,12 @@ def markdown(doc: dict, spec: StudySpec) -> str:
                      + f" | {_ms((r['dev']['mean'], r['dev']['std']))} |")
     lines.append("| BM25 (reference) | - | " + " | ".join(f"{doc['bm25'].get(d, 0):.4f}" for d in spec.domains)
                  + " | - |")
+    hard = [d for d in spec.domains if any(r[f"{d}:hard"]["mean"] is not None for r in doc["table"])]
+    if hard:
+        lines += ["", "Hard query types only (without the lexically easy term_ctx and section pairs), test R@10:", "",
+                  "| variant | " + " | ".join(hard) + " |", "|---|" + "---|" * len(hard)]
+        lines += [f"| {r['variant']} | " + " | ".join(_ms((r[f'{d}:hard']['mean'], r[f'{d}:hard']['std']))
+                                                      for d in hard) + " |" for r in doc["table"]]
     if doc["significance"]:
         lines += ["", f"Significance of {spec.control} minus each variant on per-query R@10: ranx.compare "
                       f"({spec.stat_test} test, paired over the same (seed, query) pairs, max p {spec.max_p}).", "",
@@ -459,5 +519,5 @@ def plot(rows: list[dict], bm25: dict, spec: StudySpec, path: Path) -> Path:
     return path
 
 
-__all__ = ["StudySpec", "VARIANTS", "check_spec", "study_config", "run_study", "write_results", "load_study",
-           "parse_list", "significance", "summarize"]
+__all__ = ["StudySpec", "VARIANTS", "parse_variant", "grid_cells", "check_spec", "study_config", "run_study",
+           "write_results", "load_study", "parse_list", "significance", "summarize", "table"]

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from lbr_ray.tune.study import StudySpec, check_spec, markdown, plot, significance, summarize
+from lbr_ray.tune.study import (
+    StudySpec, cell_config, check_spec, grid_cells, markdown, parse_variant, plot, significance, summarize, table,
+)
 
 
 def lbr(*args):
@@ -23,6 +25,29 @@ def test_unknown_variant_stops_with_one_line_and_exit_2(tmp_path):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown variant(s) bogus" in lines[0] and "Traceback" not in out.stderr
     assert not (tmp_path / "s").exists()  # nothing started
+
+
+def test_variants_with_overrides_and_pinned_seeds(tmp_path):
+    """A k sweep point and a from-scratch control ride in the same grid: overrides reach the cell's config, pinned
+    seeds run only those, after the main grid's whole seeds; a bad override stops with one line, exit 2."""
+    from lbr_ray.config import load_config
+
+    assert parse_variant("lbr+bottleneck.k=2@0/2") == ("lbr", ("bottleneck.k=2",), (0, 2))
+    assert parse_variant("cl-mc") == ("cl-mc", (), None)
+    spec = StudySpec(target="medical", variants=("lbr", "cl", "lbr+bottleneck.k=8@0", "cl+model.from_scratch=true@1"),
+                     seeds=(0, 1), data_root="data/demo")
+    assert [(c["variant"], c["seed"]) for c in grid_cells(spec)] == [
+        ("lbr", 0), ("cl", 0), ("lbr", 1), ("cl", 1), ("lbr+bottleneck.k=8@0", 0), ("cl+model.from_scratch=true@1", 1)]
+    base = load_config("configs/demo.yaml", ["bottleneck.k_max=8"])
+    cfg, match = cell_config(base, "lbr+bottleneck.k=8@0", 0, tmp_path)
+    assert cfg.bottleneck.k == 8 and cfg.run.variant == "lbr" and not match
+    cfg, match = cell_config(base, "cl-mc+model.from_scratch=true", 3, tmp_path)
+    assert cfg.model.from_scratch and cfg.run.variant == "cl" and cfg.run.seed == 3 and match
+    out = lbr("study", "--config", "configs/demo.yaml", "--target", "medical", "--variants", "lbr,cl+gr_cl.nope=1",
+              "--seeds", "0", "--output", str(tmp_path / "s"))
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "cl+gr_cl.nope=1" in lines[0] and "nope" in lines[0], out.stderr
+    assert not (tmp_path / "s").exists()
 
 
 def test_bad_grids_are_reported_together(demo_dir):
@@ -73,7 +98,8 @@ def test_table_and_seed_stacked_significance_from_cells(tmp_path):
         _write(cell / "runs" / "medical.trec", [f"{q} Q0 {d} {r + 1} {s} t" for q, docs in run.items()
                                                  for r, (d, s) in enumerate(sorted(docs.items(), key=lambda x: -x[1]))])
         (cell / "cell.json").write_text(json.dumps({"done": True, "variant": variant, "seed": seed,
-                                                    "dev_recall@10": h / n, "test": {"medical": {"recall@10": h / n}}}))
+                                                    "dev_recall@10": h / n, "test": {"medical": {
+                                                        "recall@10": h / n, "hard_recall@10": h / n / 2}}}))
     from lbr_ray.tune.study import read_cells
 
     spec = StudySpec(target="medical", variants=("lbr", "cl"), seeds=(0, 1), data_root=str(tmp_path))
@@ -87,9 +113,10 @@ def test_table_and_seed_stacked_significance_from_cells(tmp_path):
     assert sig[0]["diff"] == pytest.approx(35 / 40 - 10 / 40)
     doc = {"finished": True, "cells_done": 4, "cells_total": 4, "model": "m", "steps": {"ib_gl": 1, "gr_cl": 1},
            "wall_s": 1.0, "bm25": {"medical": 0.5}, "significance": sig,
-           "table": [{**r, **{d: {"mean": r[d][0], "std": r[d][1]} for d in ("medical", "dev")}} for r in rows.values()]}
+           "table": table(list(rows.values()), spec)}
     md = markdown(doc, spec)
     assert "| lbr | 0,1 | 0.8750 ± 0.0354" in md and "| medical | cl | 0,1 | 80 | +0.6250" in md
+    assert "Hard query types only" in md and "| lbr | 0.4375 ± 0.0177 |" in md
     assert plot(list(rows.values()), {"medical": 0.5}, spec, tmp_path / "s.png").stat().st_size > 5000
 
 

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# "Does LBR help?": the general base's held-out perplexities, then the medical and chemistry studies on that base
+# (docs/study.md). Needs runs/base-general/lm/model (lbr train --stage lm --config configs/base-general.yaml) and the
+# shared data (../shared/data). Results: benchmarks/results/base_general.json, study_general_{medical,chemistry}.*
+# Usage: bash benchmarks/study_general.sh [medical|chemistry|perplexity]...   (default: all three, in that order)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+LBR=${LBR:-.venv/bin/lbr}
+PY=${PY:-.venv/bin/python}
+DATA=${DATA:-../shared/data}
+RES=benchmarks/results
+EVAL="--test-max-queries 200 --test-max-corpus 1000"
+export RAY_worker_niceness=0   # Ray starts its workers at nice 15; the study's workers get the machine's priority
+export PATH="$PWD/.venv/bin:$PATH"  # one ninja for DeepSpeed's JIT op cache (see lbr_ray/train/deepspeed.py)
+
+copy() {  # study folder -> benchmarks/results/study_general_<domain>.*
+  for ext in md json csv; do cp "$1/results.$ext" "$RES/study_general_$2.$ext"; done
+  cp "$1/study.png" "$RES/study_general_$2.png"
+}
+
+run() {
+  echo "== $1: $(date -u +%FT%TZ) on $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg)"
+  case $1 in
+    perplexity)
+      $PY benchmarks/base_perplexity.py --model runs/base-general/lm/model --data-root "$DATA" \
+          --domains code,biology,medical,chemistry --texts 400 --out $RES/base_general.json ;;
+    medical)
+      $LBR study --config configs/study-general.yaml --target medical --heldout biology,chemistry --data-root "$DATA" \
+          --variants 'lbr,gl-cl,cl,cl-mc,lbr+bottleneck.k=1@0,lbr+bottleneck.k=2@0,lbr+bottleneck.k=4@0,lbr+bottleneck.k=8@0,lbr+model.from_scratch=true@0,cl+model.from_scratch=true@0' \
+          --seeds 0,1,2 $EVAL --output runs/study-medical
+      copy runs/study-medical medical ;;
+    chemistry)
+      $LBR study --config configs/study-general.yaml --target chemistry --heldout biology,medical --data-root "$DATA" \
+          --variants lbr,gl-cl,cl,cl-mc --seeds 0,1 $EVAL --output runs/study-chemistry
+      copy runs/study-chemistry chemistry ;;
+    *) echo "unknown part $1" >&2; exit 2 ;;
+  esac
+  echo "== $1 done: $(date -u +%FT%TZ)"
+}
+
+for part in "${@:-perplexity medical chemistry}"; do
+  for p in $part; do run "$p"; done
+done

@@ -51,6 +51,9 @@ def study_command(
     max_p: Annotated[float, typer.Option(help="p-value at or below which a difference is called significant.")]
         = 0.05,
     overrides: SetOpt = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Tune's, Ray's and the cells' own output on "
+                                          "the console (by default: one line per cell; the rest goes to "
+                                          "STUDY/logs/ and the cells' folders).")] = False,
     address: AddressOpt = None,
     cluster: ClusterOpt = None,
 ) -> None:
@@ -67,7 +70,7 @@ def study_command(
                                      eval_workers=eval_workers, stat_test=stat_test, max_p=max_p)
     from lbr_ray.tune.study import run_study  # imports Ray: after the checks, which need none
 
-    doc = run_study(cfg, spec, folder, resume=resume, address=address, t0=t0)
+    doc = run_study(cfg, spec, folder, resume=resume, address=address, t0=t0, quiet=not verbose)
     typer.echo(f"study done in {time.time() - t0:.0f}s ({doc['cells_done']} of {doc['cells_total']} cells): "
                f"{folder / 'results.md'}")
 

@@ -35,7 +35,7 @@ def read_marker(folder: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def ensure_stage1(cfg: LbrConfig, cache: str | Path) -> Stage1:
+def ensure_stage1(cfg: LbrConfig, cache: str | Path, quiet: bool = False) -> Stage1:
     """Return the cached stage-1 model for this config, training it first if no trial has.
 
     An interrupted stage-1 run (checkpoints but no marker) is resumed from its last checkpoint."""
@@ -48,13 +48,13 @@ def ensure_stage1(cfg: LbrConfig, cache: str | Path) -> Stage1:
         marker = read_marker(folder)
         reused = marker is not None
         if marker is None:
-            marker = _train(cfg, folder, key)
+            marker = _train(cfg, folder, key, quiet)
             with open(cache / "runs.jsonl", "a") as fh:
                 fh.write(json.dumps({"key": key, "train_s": marker["train_s"], "pid": os.getpid()}) + "\n")
     return Stage1(key, folder / marker["model"], reused, marker["train_s"], time.time() - start)
 
 
-def _train(cfg: LbrConfig, folder: Path, key: str) -> dict:
+def _train(cfg: LbrConfig, folder: Path, key: str, quiet: bool = False) -> dict:
     """Stage 1 as `lbr train --stage ib-gl` runs it (data summary, Ray Data stream, IB-GL TorchTrainer), with the
     run's placement group recorded (lbr_ray.tune.cleanup)."""
     from lbr_ray.data import ray_data
@@ -69,7 +69,7 @@ def _train(cfg: LbrConfig, folder: Path, key: str) -> dict:
     preflight(cfg)
     summary = ray_data.summarize(cfg)
     ds = {"train": ray_data.stage1_dataset(cfg, summary.heldout_keys)}
-    res = run_stage(cfg, "ib_gl", ib_gl.train_fn, ds, t0=start, callbacks=[RecordPlacementGroup(folder)])
+    res = run_stage(cfg, "ib_gl", ib_gl.train_fn, ds, t0=start, callbacks=[RecordPlacementGroup(folder)], quiet=quiet)
     marker = {"key": key, "model": str(res.model_dir.relative_to(folder.resolve())), "train_s": time.time() - start,
               "last": res.last, "data": summary.lines(), "fields": stage1_fields(cfg)}
     tmp = folder / f".{MARKER}.tmp"

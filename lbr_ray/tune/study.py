@@ -180,8 +180,9 @@ def evaluate_cell(model_dir: Path, cfg: LbrConfig, spec: StudySpec, study: Path,
     return out
 
 
-def study_cell(params: dict, base: dict, study: str, spec: dict) -> None:
-    """One cell (the Tune trainable): stage 1 from the cache (trained if missing), GR-CL, test evaluation."""
+def study_cell(params: dict, base: dict, study: str, spec: dict, quiet: bool = True) -> None:
+    """One cell (the Tune trainable): stage 1 from the cache (trained if missing), GR-CL, test evaluation.
+    `quiet`: the Train workers' output goes to the cell's log files (lbr_ray.train.console)."""
     from ray import tune
 
     from lbr_ray.recipes.pipeline import train
@@ -202,13 +203,13 @@ def study_cell(params: dict, base: dict, study: str, spec: dict) -> None:
     cfg, match = cell_config(config_from_dict(base), params["variant"], params["seed"], cell)
     start, init, facts = time.time(), None, {"stage1_reused": None, "stage1_s": 0.0}
     if cfg.run.variant != "cl":
-        s1 = ensure_stage1(cfg, study / "stage1")
+        s1 = ensure_stage1(cfg, study / "stage1", quiet=quiet)
         init = str(s1.model_dir)
         facts = {"stage1_key": s1.key, "stage1_reused": s1.reused, "stage1_s": s1.trial_s}
     resume = any((cell / "gr_cl").glob("checkpoint_*"))  # a restarted cell continues its GR-CL run
     callbacks = [RecordPlacementGroup(cell)]  # an interrupted cell's workers are released (lbr_ray.tune.cleanup)
     res = train(replace(cfg, run={"resume": resume}), stage="gr-cl", init=init, match_compute=match,
-                stage2_callbacks=callbacks, announce=False)["gr_cl"]
+                stage2_callbacks=callbacks, quiet=quiet, announce=False)["gr_cl"]
     summary = json.loads((cell / "summary.json").read_text())
     dev = [m for m in res.metrics if "dev_recall@10" in m]
     tag = f"{params['variant']}_seed{params['seed']}"
@@ -226,16 +227,16 @@ def _report(doc: dict) -> dict:
     return {**row, "dev_recall@10": doc.get("dev_recall@10") or 0.0, "done": True}
 
 
-def trainable(cfg: LbrConfig, spec: StudySpec, study: Path):
+def trainable(cfg: LbrConfig, spec: StudySpec, study: Path, quiet: bool = True):
     from ray import tune
 
     from lbr_ray.tune.search import DRIVER_CPUS
 
-    fn = tune.with_parameters(study_cell, base=to_dict(cfg), study=str(study), spec=asdict(spec))
+    fn = tune.with_parameters(study_cell, base=to_dict(cfg), study=str(study), spec=asdict(spec), quiet=quiet)
     return tune.with_resources(fn, {"cpu": DRIVER_CPUS})
 
 
-def build_tuner(cfg: LbrConfig, spec: StudySpec, study: Path, callbacks: list | None = None):
+def build_tuner(cfg: LbrConfig, spec: StudySpec, study: Path, callbacks: list | None = None, quiet: bool = True):
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
@@ -246,10 +247,27 @@ def build_tuner(cfg: LbrConfig, spec: StudySpec, study: Path, callbacks: list | 
     tune_config = tune.TuneConfig(metric=f"test_{spec.target}_{METRIC}", mode="max",
                                   search_alg=BasicVariantGenerator(max_concurrent=concurrency(cfg)),
                                   num_samples=1, trial_name_creator=cell_name, trial_dirname_creator=cell_name)
-    run_config = tune.RunConfig(name=EXPERIMENT, storage_path=str(study), verbose=1,
-                                callbacks=[ReleaseStoppedTrials(study / "cells"), *(callbacks or [])],
+    run_config = tune.RunConfig(name=EXPERIMENT, storage_path=str(study), verbose=0 if quiet else 1,
+                                callbacks=[ReleaseStoppedTrials(study / "cells"), *console_lines(spec, quiet),
+                                           *(callbacks or [])],
                                 failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures))
-    return tune.Tuner(trainable(cfg, spec, study), param_space=space, tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(trainable(cfg, spec, study, quiet), param_space=space, tune_config=tune_config,
+                      run_config=run_config)
+
+
+def console_lines(spec: StudySpec, quiet: bool) -> list:
+    """Quiet: one console line per cell as it starts and ends (the cells' own output goes to log files)."""
+    from lbr_ray.tune.progress import TrialLines
+
+    order = {(c["variant"], c["seed"]): i + 1 for i, c in enumerate(grid_cells(spec))}
+    total = len(order)
+
+    def describe(config: dict) -> str:
+        cell = config["cell"]
+        index = order.get((cell["variant"], cell["seed"]), "?")
+        return f"cell {index} of {total} ({cell['variant']} seed {cell['seed']})"
+
+    return [TrialLines("study", total, describe)] if quiet else []
 
 
 def cell_name(trial) -> str:
@@ -282,8 +300,11 @@ def load_study(study: Path) -> tuple[LbrConfig, StudySpec]:
 
 
 def run_study(cfg: LbrConfig, spec: StudySpec, study: str | Path, resume: bool = False,
-              address: str | None = None, callbacks: list | None = None, t0: float | None = None) -> dict:
-    """Run (or resume) the grid, then write the table, significance and plot. `cfg` as made by study_config."""
+              address: str | None = None, callbacks: list | None = None, t0: float | None = None,
+              quiet: bool = True) -> dict:
+    """Run (or resume) the grid, then write the table, significance and plot. `cfg` as made by study_config.
+    `quiet`: the console shows one line per cell; Ray's and the cells' output go to <study>/logs and the cells'
+    folders."""
     from ray import tune
 
     from lbr_ray.train.launcher import ensure_ray, print_config
@@ -301,12 +322,12 @@ def run_study(cfg: LbrConfig, spec: StudySpec, study: str | Path, resume: bool =
         save_config(cfg, study / "sweep_config.yaml")
         (study / SPEC).write_text(json.dumps(asdict(spec), indent=2) + "\n")
     workers = tuning_config(cfg).scaling.num_workers * max(cfg.tune.max_concurrent_trials, 1)
-    ensure_ray(replace(cfg, scaling={"num_workers": workers}), address)
-    if resume:
-        tuner = tune.Tuner.restore(str(study / EXPERIMENT), trainable=trainable(cfg, spec, study),
+    ensure_ray(replace(cfg, scaling={"num_workers": workers}, run={"output": str(study)}), address, quiet)
+    if resume:  # Tuner.restore brings back the first session's callbacks and console verbosity
+        tuner = tune.Tuner.restore(str(study / EXPERIMENT), trainable=trainable(cfg, spec, study, quiet),
                                    resume_unfinished=True, resume_errored=True)
     else:
-        tuner = build_tuner(cfg, spec, study, callbacks)
+        tuner = build_tuner(cfg, spec, study, callbacks, quiet)
     try:
         grid = tuner.fit()
     finally:

@@ -14,7 +14,7 @@ STEPS = ["tune.ib_gl_steps=2", "tune.gr_cl_steps=2", "tune.eval_every=2", "gr_cl
          "gr_cl.eval_corpus=150"]
 
 
-def test_study_grid_resumes_without_rerunning_finished_cells(ray_local, tmp_path):
+def test_study_grid_resumes_without_rerunning_finished_cells(ray_local, tmp_path, capfd):
     from ranx import Run
     from typer.testing import CliRunner
 
@@ -30,6 +30,9 @@ def test_study_grid_resumes_without_rerunning_finished_cells(ray_local, tmp_path
     assert (tmp_path / "interrupted").exists() and partial["finished"] is False and partial["cells_done"] == 1
     first = [c["cell"] for c in partial["cells"]]
     assert len(first) == 1 and "variant=cl" in first[0]
+    console = capfd.readouterr().out  # the quiet console: one line per cell as it starts and as it ends
+    assert "[lbr] study: cell 1 of 2 (cl seed 0) started" in console
+    assert "[lbr] study: cell 1 of 2 (cl seed 0) done in" in console and "test_medical_recall@10 0." in console
 
     out = CliRunner().invoke(app, ["study", "--output", str(study), "--resume"])
     assert out.exit_code == 0, out.output[-3000:]

@@ -39,6 +39,9 @@ def tune_command(
     num_workers: Annotated[Optional[int], typer.Option("--num-workers", "-n", help="Ray Train workers per trial "
                                                        "(overrides tune.workers_per_trial).",
                                                        show_default=False)] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Tune's, Ray's and the trials' own output "
+                                          "on the console (by default: one line per trial; the rest goes to "
+                                          "SWEEP/logs/ and the trials' folders).")] = False,
     address: AddressOpt = None,
     cluster: ClusterOpt = None,
 ) -> None:
@@ -56,7 +59,7 @@ def tune_command(
     cfg = sweep_config(config, overrides, output, resume, num_samples=num_samples, num_workers=num_workers)
     from lbr_ray.tune.search import run_sweep  # imports Ray: after the config errors, which need none
 
-    doc = run_sweep(cfg, resume=resume, address=address, t0=t0)
+    doc = run_sweep(cfg, resume=resume, address=address, t0=t0, quiet=not verbose)
     best = doc["best"]
     if best:
         test = f", test R@10 {best['test_recall@10']:.4f}" if "test_recall@10" in best else ""

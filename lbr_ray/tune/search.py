@@ -23,6 +23,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from lbr_ray.config import LbrConfig, config_from_dict, load_config, replace, save_config, to_dict
 from lbr_ray.errors import ConfigError
 from lbr_ray.tune.cleanup import RecordPlacementGroup, ReleaseStoppedTrials, remove_recorded
+from lbr_ray.tune.progress import TrialLines
 from lbr_ray.tune.space import param_space, searched, trial_config, trial_label, tuning_config
 from lbr_ray.tune.stage1 import ensure_stage1
 
@@ -55,8 +56,9 @@ def result_row(row: dict) -> dict:
     return {k: v for k, v in row.items() if k.startswith("dev_") or k in ("step", "loss", "emb_std")}
 
 
-def train_trial(params: dict, base: dict, sweep: str) -> None:
-    """One trial (the Tune trainable): stage 1 from the cache (trained here if missing), then GR-CL."""
+def train_trial(params: dict, base: dict, sweep: str, quiet: bool = True) -> None:
+    """One trial (the Tune trainable): stage 1 from the cache (trained here if missing), then GR-CL.
+    `quiet`: the Train workers' output goes to the trial's log files (lbr_ray.train.console)."""
     from lbr_ray.recipes.pipeline import train
 
     name = tune.get_context().get_trial_name()
@@ -67,7 +69,7 @@ def train_trial(params: dict, base: dict, sweep: str) -> None:
         fh.write(json.dumps({"start": time.time(), "params": params}) + "\n")
     init, facts = None, {"stage1_reused": False, "stage1_s": 0.0, "stage1_train_s": 0.0}
     if cfg.run.variant != "cl":
-        s1 = ensure_stage1(cfg, Path(sweep) / "stage1")
+        s1 = ensure_stage1(cfg, Path(sweep) / "stage1", quiet=quiet)
         init = str(s1.model_dir)
         facts = {"stage1_key": s1.key, "stage1_reused": s1.reused, "stage1_s": s1.trial_s,
                  "stage1_train_s": s1.train_s}
@@ -79,7 +81,8 @@ def train_trial(params: dict, base: dict, sweep: str) -> None:
     start = time.time()
     steps = cfg.gr_cl.max_steps
     callbacks = [DevMetricReport(cfg.tune.metric, facts, steps), RecordPlacementGroup(trial_dir)]
-    res = train(replace(cfg, run={"resume": resume}), stage="gr-cl", init=init, stage2_callbacks=callbacks)["gr_cl"]
+    res = train(replace(cfg, run={"resume": resume}), stage="gr-cl", init=init, stage2_callbacks=callbacks,
+                quiet=quiet)["gr_cl"]
     final = {**facts, "done": True, "stage2_s": time.time() - start, "model": str(res.model_dir)}
     _write_json(trial_dir / "trial.json", {"params": params, **final})
     last = [m for m in res.metrics if cfg.tune.metric in m and m.get("step") == steps]
@@ -98,8 +101,8 @@ def _trial_name(trial) -> str:
     return f"{index}_{trial_label(trial.config)}"
 
 
-def trainable(cfg: LbrConfig, sweep: Path):
-    fn = tune.with_parameters(train_trial, base=to_dict(absolute_paths(cfg)), sweep=str(sweep))
+def trainable(cfg: LbrConfig, sweep: Path, quiet: bool = True):
+    fn = tune.with_parameters(train_trial, base=to_dict(absolute_paths(cfg)), sweep=str(sweep), quiet=quiet)
     return tune.with_resources(fn, {"cpu": DRIVER_CPUS})
 
 
@@ -126,7 +129,7 @@ def concurrency(cfg: LbrConfig) -> int:
     return max(1, int((res.get("CPU", 1) - 1) // (t.scaling.num_workers * s.cpus_per_worker)))
 
 
-def build_tuner(cfg: LbrConfig, sweep: Path, callbacks: list | None = None) -> tune.Tuner:
+def build_tuner(cfg: LbrConfig, sweep: Path, callbacks: list | None = None, quiet: bool = True) -> tune.Tuner:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search import BasicVariantGenerator
 
@@ -146,11 +149,12 @@ def build_tuner(cfg: LbrConfig, sweep: Path, callbacks: list | None = None) -> t
     tune_config = tune.TuneConfig(metric=t.metric, mode="max", scheduler=scheduler, search_alg=search_alg,
                                   num_samples=t.num_samples, max_concurrent_trials=tune_limit,
                                   trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
-    callbacks = [ReleaseStoppedTrials(sweep / "trials"), *(callbacks or [])]
+    lines = [TrialLines("tune", expected_trials(cfg), lambda c: f"trial {trial_label(c).replace('_', ' ')}")]
+    callbacks = [ReleaseStoppedTrials(sweep / "trials"), *(lines if quiet else []), *(callbacks or [])]
     failures = tune.FailureConfig(max_failures=trial_failures(cfg))
     run_config = tune.RunConfig(name=EXPERIMENT, storage_path=str(sweep), callbacks=callbacks,
-                                failure_config=failures, verbose=1)
-    return tune.Tuner(trainable(cfg, sweep), param_space=param_space(cfg), tune_config=tune_config,
+                                failure_config=failures, verbose=0 if quiet else 1)
+    return tune.Tuner(trainable(cfg, sweep, quiet), param_space=param_space(cfg), tune_config=tune_config,
                       run_config=run_config)
 
 
@@ -205,8 +209,10 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 def run_sweep(cfg: LbrConfig, resume: bool = False, address: str | None = None,
-              callbacks: list | None = None, t0: float | None = None) -> dict:
-    """Run (or resume) the sweep, then write the table, plots, best config and the best trial's test eval."""
+              callbacks: list | None = None, t0: float | None = None, quiet: bool = True) -> dict:
+    """Run (or resume) the sweep, then write the table, plots, best config and the best trial's test eval.
+    `quiet`: the console shows one line per trial; Ray's and the trials' output go to <sweep>/logs and the trials'
+    folders."""
     from lbr_ray.recipes.preflight import preflight
     from lbr_ray.train.launcher import ensure_ray, print_config
     from lbr_ray.tune.analysis import write_outputs
@@ -219,12 +225,13 @@ def run_sweep(cfg: LbrConfig, resume: bool = False, address: str | None = None,
     if not resume:
         save_config(cfg, sweep / "sweep_config.yaml")
     workers = tuning_config(cfg).scaling.num_workers * max(cfg.tune.max_concurrent_trials, 1)
-    ensure_ray(replace(cfg, scaling={"num_workers": workers}), address)  # sized for the concurrent trials
-    if resume:
-        tuner = tune.Tuner.restore(str(sweep / EXPERIMENT), trainable=trainable(cfg, sweep),
+    # sized for the concurrent trials
+    ensure_ray(replace(cfg, scaling={"num_workers": workers}, run={"output": str(sweep)}), address, quiet)
+    if resume:  # Tuner.restore brings back the first session's callbacks and console verbosity
+        tuner = tune.Tuner.restore(str(sweep / EXPERIMENT), trainable=trainable(cfg, sweep, quiet),
                                    resume_unfinished=True, resume_errored=True)
     else:
-        tuner = build_tuner(cfg, sweep, callbacks)
+        tuner = build_tuner(cfg, sweep, callbacks, quiet)
     try:
         grid = tuner.fit()
     finally:  # an interrupted sweep's running trials were killed: free their workers' resources

@@ -40,7 +40,7 @@ class InterruptAfter(tune.Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
-def test_sweep_reuses_stage1_stops_early_resumes_and_reports(ray_local, tmp_path):
+def test_sweep_reuses_stage1_stops_early_resumes_and_reports(ray_local, tmp_path, capfd):
     from typer.testing import CliRunner
 
     from cli.main import app
@@ -55,6 +55,8 @@ def test_sweep_reuses_stage1_stops_early_resumes_and_reports(ray_local, tmp_path
     partial = json.loads((sweep / "results.json").read_text())
     assert partial["finished"] is False and partial["best"] is None  # no best config / test eval yet
     assert "interrupted" in (sweep / "results.md").read_text()
+    console = capfd.readouterr().out  # the quiet console: a line per trial as it starts and ends, with its metric
+    assert console.count("[lbr] tune: trial ") >= 6 and " done in " in console and "dev_recall@10 0." in console
 
     out = CliRunner().invoke(app, ["tune", "--output", str(sweep), "--resume"])
     assert out.exit_code == 0, out.output[-3000:]

@@ -102,3 +102,30 @@ def test_sweep_reuses_stage1_stops_early_resumes_and_reports(ray_local, tmp_path
     assert best_cfg.gr_cl.temperature == best["temperature"] and best_cfg.bottleneck.ratio == best["R"]
     assert best_cfg.gr_cl.max_steps == cfg.gr_cl.max_steps  # full training steps, not the tuning ones
     assert (sweep / "best_test" / "report.json").is_file()
+
+
+def test_failed_trial_is_retried_as_tune_max_failures_says(ray_local, tmp_path, monkeypatch):
+    """tune.max_failures reaches the sweep's real Tuner (build_tuner: its FailureConfig, scheduler, callbacks):
+    a trial whose first attempt fails runs again and ends well with tune.max_failures=1, and ends in error with 0.
+    The trial body is a stand-in that counts its attempts (the retry is Tune's, not the training's)."""
+    from pathlib import Path
+
+    from lbr_ray.tune import search
+
+    def fails_once(params: dict, base: dict, sweep: str) -> None:
+        attempts = Path(sweep) / f"{tune.get_context().get_trial_name()}.attempts"
+        n = len(attempts.read_text()) if attempts.exists() else 0
+        attempts.write_text("x" * (n + 1))
+        if n == 0:
+            raise RuntimeError("the first attempt fails")
+        tune.report({"dev_recall@10": 0.5, "step": 1})
+
+    monkeypatch.setattr(search, "train_trial", fails_once)
+    for retries, errors, attempts in ((1, 0, 2), (0, 1, 1)):
+        sweep = tmp_path / f"retries{retries}"
+        cfg = load_config("configs/demo.yaml", ["tune.ratio=[16]", "tune.temperature=[0.05]", "tune.asha=false",
+                                                f"tune.max_failures={retries}", f"tune.output={sweep}"])
+        assert search.trial_failures(cfg) == retries
+        grid = search.build_tuner(cfg, sweep).fit()
+        counts = [len(p.read_text()) for p in sweep.glob("*.attempts")]
+        assert (len(grid), grid.num_errors, counts) == (1, errors, [attempts])

@@ -1,8 +1,8 @@
-"""S3 (moto's server mode on 127.0.0.1, started and stopped by the test by pid), and two Ray nodes on 127.0.0.1.
+"""S3 (moto's server mode on 127.0.0.1, started and stopped by the test by pid) and two Ray nodes on this machine.
 
-One integration run checks, as a user would run it (`lbr train --output s3://...` in a subprocess):
+One integration run checks, as a user would run it (`lbr train --address HEAD --output s3://...` in a subprocess):
 - the data comes from S3 (`--data s3://bucket/data/medical`), checkpoints go to S3 (Ray Train storage_filesystem);
-- (two-node variant, skipped for now) the 2 Train workers sit one per node (custom resource `lbr_worker`);
+- the 2 Train workers sit one per node (custom resource `lbr_worker`, one unit per node);
 - the run is stopped (Ctrl-C) after its second checkpoint; the newest checkpoint in S3 is then damaged (a file
   deleted); `--resume` names it in one line, resumes from the previous complete checkpoint, reaches max_steps and
   writes the final model, metrics, TensorBoard and summary.json to S3.
@@ -10,17 +10,18 @@ One integration run checks, as a user would run it (`lbr train --output s3://...
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -41,32 +42,48 @@ def bucket(s3_server):
 
 
 @pytest.fixture(scope="module")
-def two_nodes(bucket, tmp_path_factory):
-    """A Ray head (lbr's local head: loopback only, free ports) and a second node joined with `ray start
-    --address`, each with 2 CPUs, one `lbr_worker` and its own temp dir; both stopped by pid (never `ray stop`,
-    which would stop other Ray instances on the machine)."""
-    from lbr_ray.cluster import local_head as lh
+def two_nodes(bucket):
+    """A Ray head and a second node joined with `ray start --address`, on this machine: 2 CPUs, one `lbr_worker`,
+    their own temp dir and free ports each, worker ports chosen by the OS (the two raylets, and any other Ray on the
+    machine, never compete for one), no dashboard; both stopped by pid (never `ray stop`, which would stop other
+    Ray instances on the machine).
 
-    os.environ["LBR_CLUSTER_STATE_DIR"] = str(tmp_path_factory.mktemp("clusters"))
-    node = ["--num-cpus=2", '--resources={"lbr_worker": 1}']
-    head, _ = lh.start_head("lbr-2n", ROOT / "clusters" / "local.yaml", extra_args=node)
-    second_tmp = Path(f"{head.temp_dir}-b")
-    env = {**lh.loopback_env(), **bucket, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
-    ports = [a for flag in ("node-manager-port", "object-manager-port", "metrics-export-port",
-                            "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "runtime-env-agent-port")
-             for a in (f"--{flag}", str(free_port()))]
+    Both run in Ray's cluster mode, on the machine's IP: Ray refuses to add a node to a loopback-only head
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, what `lbr cluster up clusters/local.yaml` starts), and a joining
+    `ray start` rewrites `--address 127.0.0.1:P` and `--node-ip-address 127.0.0.1` to the machine's IP
+    (ray._private.services.resolve_ip_for_localhost), where a loopback head's GCS does not listen: it retried
+    "Failed to connect to GCS at address <machine IP>:P" forever (ray-project/ray#59110)."""
+    from ray._private.services import get_node_ip_address
+
+    from lbr_ray.cluster import local_head as lh
+    from lbr_ray.cluster.dashboard import auth_token
+
+    ip = get_node_ip_address()
+    gcs = lh.free_port()
+    temp = {n: Path(tempfile.gettempdir()) / f"lbr-2n-{gcs}-{n}" for n in ("head", "node")}  # short: socket paths
+    env = {**lh.loopback_env(), **bucket, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1", "PYTHONPATH": str(ROOT),
+           "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "token"}  # ports open on the machine's IP
+    if not auth_token():
+        env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)  # this cluster's own; ~/.ray is left alone
+    common = ["--node-ip-address", ip, "--disable-usage-stats", "--num-cpus=2", '--resources={"lbr_worker": 1}',
+              f"--object-store-memory={512 * 2**20}", "--min-worker-port=0", "--max-worker-port=0"]
+    ports = ("node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-listen-port",
+             "dashboard-agent-grpc-port", "runtime-env-agent-port")
+    starts = {"head": ["--head", "--port", str(gcs), "--include-dashboard=false",
+                       "--ray-client-server-port", str(lh.free_port())],
+              "node": ["--address", f"{ip}:{gcs}"]}
     try:
-        r = subprocess.run([lh.ray_executable(), "start", "--address", head.gcs_address, "--node-ip-address",
-                            "127.0.0.1", "--temp-dir", str(second_tmp), "--disable-usage-stats", *node, *ports],
-                           env={**env, **{k: str(free_port()) for k in lh.METRIC_PORT_ENVS},
-                                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"},  # a joining node; its IP is given
-                           capture_output=True,
-                           text=True, timeout=120, cwd=Path.home())
-        assert r.returncode == 0, f"second node: {r.stdout[-2000:]}\n{r.stderr[-3000:]}"
-        yield {"address": head.gcs_address, "env": env}
+        for name, args in starts.items():
+            cmd = [lh.ray_executable(), "start", *args, "--temp-dir", str(temp[name]), *common,
+                   *(a for p in ports for a in (f"--{p}", str(lh.free_port())))]
+            r = subprocess.run(cmd, env={**env, **{k: str(lh.free_port()) for k in lh.METRIC_PORT_ENVS}},
+                               capture_output=True, text=True, timeout=120, cwd=Path.home())
+            assert r.returncode == 0, f"ray start ({name}): {r.stdout[-2000:]}\n{r.stderr[-3000:]}"
+        yield {"address": f"{ip}:{gcs}", "env": env}
     finally:
-        lh._kill_matching((f"{second_tmp}/session_", f"--temp-dir={second_tmp}"), 3.0)
-        lh.stop_head("lbr-2n")
+        for t in temp.values():
+            lh._kill_matching((f"{t}/session_", f"--temp-dir={t}"), 3.0)
+            shutil.rmtree(t, ignore_errors=True)
 
 
 def lbr(env: dict, *args: str) -> subprocess.Popen:
@@ -75,19 +92,10 @@ def lbr(env: dict, *args: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-@pytest.mark.skip(reason="the second `ray start --address` node hangs next to lbr's loopback head "
-                         "(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 head, =1 joining node); not resolved yet")
 def test_two_nodes_checkpoint_to_s3_resume_from_s3_past_a_damaged_checkpoint(two_nodes, tmp_path):
-    s3_stop_damage_resume(two_nodes["env"], ["--address", two_nodes["address"]], "run2n",
-                          ["scaling.worker_resource=lbr_worker"], nodes=2)
-
-
-def test_s3_checkpoint_stop_damage_resume(bucket, tmp_path):
-    """The same run on one embedded Ray: S3 data, checkpoints to S3, Ctrl-C, a damaged newest checkpoint,
-    --resume past it from S3."""
-    env = {**os.environ, **bucket, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1",
-           "LBR_STAGING": str(tmp_path / "staging")}
-    s3_stop_damage_resume(env, [], "run1n", [], nodes=1)
+    env = {**two_nodes["env"], "LBR_STAGING": str(tmp_path / "staging")}
+    s3_stop_damage_resume(env, ["--address", two_nodes["address"]], "run2n", ["scaling.worker_resource=lbr_worker"],
+                          nodes=2)
 
 
 def s3_stop_damage_resume(env: dict, address: list[str], name: str, extra: list[str], nodes: int) -> None:

@@ -64,3 +64,19 @@ def test_rng_state_round_trips_through_a_checkpoint(tmp_path):
     set_rng_state(torch.load(tmp_path / "rank0.pt", weights_only=False))
     got = (torch.rand(4), np.random.rand(2), random.random())
     assert torch.equal(got[0], expect[0]) and np.array_equal(got[1], expect[1]) and got[2] == expect[2]
+
+
+def test_workers_build_deepspeed_ops_with_the_environments_ninja(monkeypatch, tmp_path):
+    """The interpreter's bin folder (pip's ninja, DeepSpeed's dependency) goes first on PATH, once; a system ninja
+    first on a node's PATH would rebuild DeepSpeed's cached comm op (another ninja log format) on every switch."""
+    import os
+    import sys
+
+    from lbr_ray.train.deepspeed import use_environment_ninja
+
+    bindir = os.path.dirname(sys.executable)
+    assert os.path.exists(os.path.join(bindir, "ninja"))  # deepspeed requires the ninja package
+    monkeypatch.setenv("PATH", os.pathsep.join([str(tmp_path), "/usr/bin", bindir]))
+    use_environment_ninja()
+    use_environment_ninja()
+    assert os.environ["PATH"].split(os.pathsep) == [bindir, str(tmp_path), "/usr/bin", bindir]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import ray
 
+from lbr_ray.config import to_dict
 from lbr_ray.config.schema import LbrConfig
 from lbr_ray.data.readers import MAX_RECORD_BYTES, iter_raw, resolve_paths
 from lbr_ray.data.schema import CHECKS
@@ -199,7 +200,7 @@ class TokenizeStage2:
 
 def stage2_dataset(cfg: LbrConfig, tokenizer_path: str, heldout_keys: set[str] = frozenset()) -> ray.data.Dataset:
     return mixed(pairs(cfg, "train"), cfg).map_batches(
-        TokenizeStage2, fn_constructor_args=(_plain(cfg), tokenizer_path, heldout_keys), batch_size=256,
+        TokenizeStage2, fn_constructor_args=(to_dict(cfg), tokenizer_path, heldout_keys), batch_size=256,
         concurrency=1, num_cpus=0.5)
 
 
@@ -215,11 +216,6 @@ def columns(prefix: str, rows) -> dict:
 
 
 def stage1_dataset(cfg: LbrConfig, heldout_keys: set[str]) -> ray.data.Dataset:
-    return stage1_source(cfg, heldout_keys).map_batches(TokenizeStage1, fn_constructor_args=(_plain(cfg),),
+    return stage1_source(cfg, heldout_keys).map_batches(TokenizeStage1, fn_constructor_args=(to_dict(cfg),),
                                                         batch_size=256, concurrency=1, num_cpus=0.5)
 
-
-def _plain(cfg: LbrConfig) -> dict:
-    from lbr_ray.config import to_dict
-
-    return to_dict(cfg)

@@ -52,7 +52,7 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
     startup["ray"] = time.time() - t0
     if summary is None:  # large or remote data: one Ray Data pass (file:line errors or counted skips, split sizes)
         summary = ray_data.summarize(cfg)
-    startup["data_summary"] = time.time() - t0
+        startup["data_summary"] = time.time() - t0
     for line in summary.lines():
         print(f"[lbr] data: {line}", flush=True)
     summary.require_training_pairs(cfg.data.pairs)

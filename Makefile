@@ -17,8 +17,6 @@ $(VENV)/.installed: pyproject.toml
 	# DeepSpeed builds from its sdist against the torch above (no isolated build env that would fetch another torch).
 	DS_BUILD_OPS=0 $(BIN)/pip install -q --no-build-isolation deepspeed
 	$(BIN)/pip install -q -e ".[dev]"
-	# Build DeepSpeed's CPU shared-memory allreduce op once now, not inside the first training run.
-	DS_ACCELERATOR=cpu $(BIN)/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()" || true
 	touch $@
 
 demo: setup

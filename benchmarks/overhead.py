@@ -1,11 +1,16 @@
 """Framework overhead: the same model, batches, optimizer and steps through `lbr train --stage ib-gl` (Ray Train +
 Ray Data + DeepSpeed ZeRO-2, 1 and 2 workers) and through a plain torch loop in one process.
 
+All runs train on the same batches in the same order: a first child process draws the first `--steps` batches from
+the stage's own Ray Data pipeline and worker-side iterator (as a 1-worker `lbr train` sees them) and the in-process
+loops load them; `tokens` in each run's record lets the two be compared. Besides the plain torch loop, the same
+loop through DeepSpeed's engine in one process (no Ray) separates DeepSpeed's cost from Ray's.
+
 Reports the steady-state step time of each (median over the logging windows after the first), their ratio, and
-the time to the first step broken down into the milestones each run records (driver: preflight, Ray start, data
-summary pass; workers: process start, model build, self-check, DeepSpeed init, first batch, first step). Runs are
-interleaved (plain, 1 worker, 2 workers, plain, ...) and the load average is recorded next to each, because the
-machine may be shared.
+the time to the first step broken down into the milestones each run records (driver: preflight with the data
+summary, Ray start; workers: process start, model build, self-check, DeepSpeed init, first batch, first step).
+Runs are interleaved (plain, deepspeed, 1 worker, 2 workers, plain, ...) and the load average is recorded next to
+each, because the machine may be shared.
 
     python benchmarks/overhead.py --out benchmarks/results/overhead.json
 """
@@ -15,7 +20,7 @@ import argparse
 import json
 import os
 import platform
-import random
+import re
 import statistics
 import subprocess
 import sys
@@ -27,54 +32,88 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "demo.yaml"
 
 
-def plain_loop(steps: int, log_every: int, t0: float) -> dict:
-    """The IB-GL step of `lbr train` without Ray or DeepSpeed: same model, objective, optimizer, schedule, clipping,
-    texts, tokenizer and batch size; rows in a seeded shuffle of the stage-1 texts."""
+def make_batches(steps: int, path: Path) -> dict:
+    """The first `steps` batches `lbr train --stage ib-gl` (1 worker) trains on, in its order: the same Ray Data
+    pipeline (seeded global shuffle, tokenizer UDF) and the same worker-side iterator (local shuffle buffer and seed,
+    padding collate), saved to `path` so the in-process loops train on exactly these rows."""
+    import ray
     import torch
 
     sys.path.insert(0, str(ROOT))
     from lbr_ray.config import load_config
-    from lbr_ray.data.readers import read_all
-    from lbr_ray.data.split import split_of, text_key
-    from lbr_ray.layout import SequenceBuilder, pad_rows
+    from lbr_ray.config.load import pack_length
+    from lbr_ray.data import ray_data
+    from lbr_ray.layout import PAD
+    from lbr_ray.model.bottleneck import load_tokenizer
+    from lbr_ray.train.worker import PadCollate
+
+    start = time.time()
+    cfg = load_config(CONFIG, [f"ib_gl.max_steps={steps}"])
+    st = cfg.ib_gl
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order, ctx.enable_progress_bars = True, False  # as launcher.ensure_ray
+    ds = ray_data.stage1_dataset(cfg, ray_data.summarize(cfg).heldout_keys)
+    pad = load_tokenizer(cfg.model.name, cfg.bottleneck.k_max).pad_token_id
+    it = ds.iter_torch_batches(batch_size=st.batch_size, collate_fn=PadCollate(["ib"], pad, pack_length(cfg)),
+                               drop_last=True, local_shuffle_buffer_size=4 * st.batch_size,
+                               local_shuffle_seed=cfg.run.seed)  # as WorkerRun.batches, epoch 0
+    batches = [b for _, b in zip(range(steps), it)]
+    ray.shutdown()
+    torch.save(batches, path)
+    return {"batches": len(batches), "tokens": sum(int((b["ib_seg"] != PAD).sum()) for b in batches),
+            "seconds": time.time() - start}
+
+
+def plain_loop(steps: int, log_every: int, t0: float, batches_path: Path, deepspeed: bool = False) -> dict:
+    """The IB-GL step of `lbr train` without Ray (and without DeepSpeed unless `deepspeed`): same model, objective,
+    optimizer, schedule, clipping and batches (make_batches), torch's default thread count."""
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    from lbr_ray.config import load_config
     from lbr_ray.recipes.ib_gl import IBGLObjective
     from lbr_ray.recipes.setup import build_model
-    from lbr_ray.train.deepspeed import optimizer_and_schedule
+    from lbr_ray.train.deepspeed import initialize, optimizer_and_schedule
 
     marks = {"imports": time.time() - t0}
     cfg = load_config(CONFIG, [f"ib_gl.max_steps={steps}"])
     torch.manual_seed(cfg.run.seed)
     model, tok = build_model(cfg)
     marks["model"] = time.time() - t0
-    pairs = list(read_all(cfg.data.pairs, "pairs"))
-    held = {text_key(r["positive"]) for r in pairs if split_of(r["query"], cfg.data.split) != "train"}
-    texts = [t for r in pairs if split_of(r["query"], cfg.data.split) == "train" for t in (r["query"], r["positive"])]
-    texts += [r["text"] for r in read_all(cfg.data.corpus, "corpus") if text_key(r["text"]) not in held]
-    random.Random(cfg.run.seed).shuffle(texts)
-    st = cfg.ib_gl
-    builder = SequenceBuilder(tok, cfg.bottleneck, cfg.data.max_input_tokens, cfg.data.max_target_tokens)
-    rows = builder.stage1_rows(texts[: steps * st.batch_size], st.target, ib=True)
+    batches = torch.load(batches_path)
     marks["data"] = time.time() - t0
-    objective = IBGLObjective(model, st.alpha, ib=True)
-    opt, sched = optimizer_and_schedule(objective, st)
+    st = cfg.ib_gl
+    objective = IBGLObjective(model, st.alpha, ib=True, packed=st.pack)
+    if deepspeed:  # one process, world 1: DeepSpeed's engine (ZeRO, gloo) without Ray
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("OVERHEAD_PORT", "29533"),
+                          RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        engine = initialize(objective, cfg.deepspeed, st)
+        marks["deepspeed"] = time.time() - t0
+    else:
+        opt, sched = optimizer_and_schedule(objective, st)
     times, tokens = [], 0
-    for step in range(steps):
-        chunk = rows[step * st.batch_size: (step + 1) * st.batch_size]
+    for step, batch in enumerate(batches[:steps]):
         start = time.perf_counter()
-        ids, seg = pad_rows([r[0] for r in chunk], [r[1] for r in chunk], tok.pad_token_id)
-        out = objective({"ib_ids": ids, "ib_seg": seg})
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(objective.parameters(), st.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        if deepspeed:
+            out = engine(batch)
+            engine.backward(out["loss"])
+            engine.step()
+        else:
+            out = objective(batch)
+            out["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(objective.parameters(), st.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
         tokens += int(out["tokens"])
         times.append(time.perf_counter() - start)
         if step == 0:
             marks["first_step"] = time.time() - t0
     windows = [sum(times[i: i + log_every]) / log_every for i in range(0, steps, log_every)]
     return {"startup_s": marks, "first_step_s": marks["first_step"], "window_step_time_s": windows,
-            "step_time_s": statistics.median(windows[1:]), "tokens_per_s": tokens / sum(times)}
+            "step_time_s": statistics.median(windows[1:]), "tokens_per_s": tokens / sum(times),
+            "tokens": tokens, "torch_threads": torch.get_num_threads()}
 
 
 def lbr_run(workers: int, steps: int, log_every: int, out: Path, extra: list[str], root: Path = ROOT) -> dict:
@@ -89,6 +128,10 @@ def lbr_run(workers: int, steps: int, log_every: int, out: Path, extra: list[str
     rows = [json.loads(line) for line in (out / "ib_gl" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "step_time_s" in r]
     summary = json.loads((out / "summary.json").read_text())
+    steps_in = [b["step"] - a["step"] for a, b in zip([{"step": 0}] + rows, rows)]
+    rank0 = out / "ib_gl" / "logs" / "rank0.log"  # the worker's own output (quiet runs)
+    threads = re.search(r"rank 0 of \d+ on node \w+, (\d+) torch threads",
+                        proc.stdout + (rank0.read_text(errors="replace") if rank0.exists() else ""))
     startup = {**{f"driver_{k}": v for k, v in summary.get("startup_driver_s", {}).items()},
                **{k[len("startup_"):-2]: v for k, v in rows[0].items() if k.startswith("startup_")}}
     return {"workers": workers, "wall_s": wall, "startup_s": startup, "first_step_s": rows[0].get("first_step_s"),
@@ -96,6 +139,8 @@ def lbr_run(workers: int, steps: int, log_every: int, out: Path, extra: list[str
             "step_time_s": statistics.median(r["step_time_s"] for r in rows[1:]),
             "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rows[1:]),
             "mfu": statistics.median(r["mfu"] for r in rows[1:]) if "mfu" in rows[-1] else None,
+            "tokens": round(sum(r["tokens_per_s"] * r["step_time_s"] * n for r, n in zip(rows, steps_in))),
+            "torch_threads": int(threads.group(1)) if threads else None,
             "console_lines": len(proc.stdout.splitlines()) + len(proc.stderr.splitlines())}
 
 
@@ -110,29 +155,45 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], help="extra config overrides for the lbr runs")
-    ap.add_argument("--base", default=None, help="another checkout (e.g. before a change): its 1-worker run too")
-    ap.add_argument("--plain", action="store_true", help=argparse.SUPPRESS)  # child process: the plain loop
+    ap.add_argument("--base", default=None, help="another checkout (e.g. before a change): its runs too")
+    ap.add_argument("--no-deepspeed", action="store_true", help="skip the in-process DeepSpeed loop")
+    ap.add_argument("--child", choices=["batches", "plain", "deepspeed"], help=argparse.SUPPRESS)
+    ap.add_argument("--batches", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="benchmarks/results/overhead.json")
     args = ap.parse_args()
-    if args.plain:
-        print(json.dumps(plain_loop(args.steps, args.log_every, float(os.environ["OVERHEAD_T0"]))))
+    if args.child == "batches":
+        print(json.dumps(make_batches(args.steps, Path(args.batches))))
+        return
+    if args.child:
+        print(json.dumps(plain_loop(args.steps, args.log_every, float(os.environ["OVERHEAD_T0"]), Path(args.batches),
+                                    deepspeed=args.child == "deepspeed")))
         return
     runs = []
     extra = [x for kv in args.set for x in ("--set", kv)]
+
+    def child(kind: str, batches: Path) -> dict:
+        t0 = time.time()
+        proc = subprocess.run([sys.executable, __file__, "--child", kind, "--steps", str(args.steps),
+                               "--log-every", str(args.log_every), "--batches", str(batches)], capture_output=True,
+                              text=True, cwd=ROOT, env={**os.environ, "OVERHEAD_T0": str(t0), "PYTHONPATH": str(ROOT)})
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-3000:])
+        return {"wall_s": time.time() - t0, **json.loads(proc.stdout.splitlines()[-1])}
+
     with tempfile.TemporaryDirectory() as tmp:
+        batches = Path(tmp) / "batches.pt"
+        data = child("batches", batches)  # the lbr runs' own first batches, in their order
+        print(json.dumps({"batches": data}), flush=True)
+        who_all = ["plain"] + ([] if args.no_deepspeed else ["deepspeed"]) + \
+            [f"{who}{w}" for who in ["lbr"] + (["base"] if args.base else []) for w in args.workers.split(",")]
         for rep in range(args.repeats):
-            for who in ["plain"] + [f"lbr{w}" for w in args.workers.split(",")] + (["base1"] if args.base else []):
+            for who in who_all:
                 before = load()
-                if who == "plain":
-                    t0 = time.time()
-                    proc = subprocess.run([sys.executable, __file__, "--plain", "--steps", str(args.steps),
-                                           "--log-every", str(args.log_every)], capture_output=True, text=True, cwd=ROOT,
-                                          env={**os.environ, "OVERHEAD_T0": str(t0), "PYTHONPATH": str(ROOT)})
-                    if proc.returncode != 0:
-                        raise RuntimeError(proc.stderr[-3000:])
-                    res = {"workers": 0, "wall_s": time.time() - t0, **json.loads(proc.stdout.splitlines()[-1])}
-                elif who == "base1":
-                    res = lbr_run(1, args.steps, args.log_every, Path(tmp) / f"{who}-{rep}", extra, Path(args.base))
+                if who in ("plain", "deepspeed"):
+                    res = {"workers": 0, **child(who, batches)}
+                elif who.startswith("base"):
+                    res = lbr_run(int(who[4:]), args.steps, args.log_every, Path(tmp) / f"{who}-{rep}", extra,
+                                  Path(args.base))
                 else:
                     res = lbr_run(int(who[3:]), args.steps, args.log_every, Path(tmp) / f"{who}-{rep}", extra)
                 res.update(run=who, repeat=rep, loadavg_before=before, loadavg_after=load())
@@ -140,9 +201,9 @@ def main() -> None:
                 runs.append(res)
     plain = statistics.median(r["step_time_s"] for r in runs if r["run"] == "plain")
     ratios = {who: statistics.median(r["step_time_s"] for r in runs if r["run"] == who) / plain
-              for who in {r["run"] for r in runs if r["run"] != "plain"}}
+              for who in dict.fromkeys(r["run"] for r in runs if r["run"] != "plain")}
     doc = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "steps": args.steps, "base": args.base,
-           "log_every": args.log_every, "overrides": args.set,
+           "log_every": args.log_every, "overrides": args.set, "batches": data,
            "step_time_ratio_vs_plain": ratios, "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(doc, indent=1))

@@ -110,6 +110,9 @@ class ScalingConfig:
     num_workers: int = 2
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
+    threads_per_worker: int = 0  # torch intra-op threads per Train worker; 0 = auto: on the Ray that `lbr train`
+    #                              starts itself, the machine's cores split among the workers; on a cluster,
+    #                              Ray's default (OMP_NUM_THREADS = floor(cpus_per_worker))
     peak_tflops: float | None = None  # one device's peak TFLOP/s for MFU (default: GPU table / CPU estimate)
     gpu_memory: str = ""  # memory of one GPU, e.g. "80GiB", for the fit check at start (default: the local GPU's)
     worker_resource: str = ""  # custom resource each Train worker takes 1 of (e.g. one per node: `ray start

@@ -1,19 +1,19 @@
 """Ray Data pipelines: read + validate shards -> split -> tokenize on CPU (class UDF) -> datasets for Ray Train.
 
 Nothing here materialises the data in the driver: `summarize` streams once over the records to fail fast with
-file:line errors, count what each split holds and collect the keys of held-out positives (kept out of stage 1).
+file:line errors, count what each split holds and collect the keys of held-out positives (kept out of stage 1);
+small local data is summarised in the driver instead (lbr_ray.data.summary), usually by the preflight.
 """
 from __future__ import annotations
-
-from collections import Counter
-from dataclasses import dataclass, field
 
 import numpy as np
 import ray
 
+from lbr_ray.config import to_dict
 from lbr_ray.config.schema import LbrConfig
 from lbr_ray.data.readers import MAX_RECORD_BYTES, iter_raw, resolve_paths
 from lbr_ray.data.schema import CHECKS
+from lbr_ray.data.summary import DataSummary, input_files, small_local, summarize_files
 from lbr_ray.data.split import split_of, text_key
 from lbr_ray.errors import DataError
 
@@ -64,41 +64,12 @@ def pairs(cfg: LbrConfig, split: str) -> ray.data.Dataset:
     return _read(cfg, "pairs").filter(_keep_split(split, cfg.data.split, cfg.data.types))
 
 
-@dataclass
-class DataSummary:
-    """What one streaming pass over the inputs found."""
-
-    pairs_by_split: Counter = field(default_factory=Counter)
-    corpus: int = 0
-    bad_by_file: Counter = field(default_factory=Counter)
-    bad_examples: list[str] = field(default_factory=list)
-    heldout_keys: set[str] = field(default_factory=set)  # text keys of dev/test positives
-
-    @property
-    def bad(self) -> int:
-        return sum(self.bad_by_file.values())
-
-    def require_training_pairs(self, specs) -> None:
-        """Stop (DataError) when nothing is left to train on: every record skipped, or none in the train split."""
-        if self.pairs_by_split.get("train", 0) > 0:
-            return
-        where = ", ".join(specs)
-        if self.bad and not sum(self.pairs_by_split.values()):
-            raise DataError(where, None, f"every pairs record was skipped as bad ({self.bad}; data.on_bad_record="
-                                         f"skip), e.g. {self.bad_examples[0]}")
-        raise DataError(where, None, f"no training pairs (split: {dict(self.pairs_by_split)}); add data or check "
-                                     "data.types / data.split")
-
-    def lines(self) -> list[str]:
-        out = [f"pairs: {dict(self.pairs_by_split)}; corpus passages: {self.corpus}"]
-        if self.bad:
-            out.append(f"skipped {self.bad} bad records: " + ", ".join(f"{f}: {n}" for f, n in self.bad_by_file.items()))
-            out += [f"  e.g. {e}" for e in self.bad_examples]
-        return out
-
-
-def summarize(cfg: LbrConfig, with_corpus: bool = True) -> DataSummary:
-    """Stream over pairs (and corpus) once: raise on the first bad record (default) or count skips."""
+def summarize(cfg: LbrConfig, with_corpus: bool = True, in_process: bool | None = None) -> DataSummary:
+    """Stream over pairs (and corpus) once: raise on the first bad record (default) or count skips. Small local
+    data (`in_process=None`) is read in this process: a Ray Data pass costs seconds of task start-up for it."""
+    files = input_files(cfg, with_corpus)
+    if in_process or (in_process is None and small_local(files)):
+        return summarize_files(cfg, files)
     summary = DataSummary()
     split_cfg = cfg.data.split
 
@@ -229,7 +200,7 @@ class TokenizeStage2:
 
 def stage2_dataset(cfg: LbrConfig, tokenizer_path: str, heldout_keys: set[str] = frozenset()) -> ray.data.Dataset:
     return mixed(pairs(cfg, "train"), cfg).map_batches(
-        TokenizeStage2, fn_constructor_args=(_plain(cfg), tokenizer_path, heldout_keys), batch_size=256,
+        TokenizeStage2, fn_constructor_args=(to_dict(cfg), tokenizer_path, heldout_keys), batch_size=256,
         concurrency=1, num_cpus=0.5)
 
 
@@ -245,11 +216,6 @@ def columns(prefix: str, rows) -> dict:
 
 
 def stage1_dataset(cfg: LbrConfig, heldout_keys: set[str]) -> ray.data.Dataset:
-    return stage1_source(cfg, heldout_keys).map_batches(TokenizeStage1, fn_constructor_args=(_plain(cfg),),
+    return stage1_source(cfg, heldout_keys).map_batches(TokenizeStage1, fn_constructor_args=(to_dict(cfg),),
                                                         batch_size=256, concurrency=1, num_cpus=0.5)
 
-
-def _plain(cfg: LbrConfig) -> dict:
-    from lbr_ray.config import to_dict
-
-    return to_dict(cfg)

@@ -44,14 +44,15 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
         return train_lm(cfg, init, address, t0, quiet)
     stages = (["ib_gl"] if stage in ("ib-gl", "all") and cfg.run.variant != "cl" else []) + \
         (["gr_cl"] if stage in ("gr-cl", "all") else [])
-    preflight(cfg, init, tuple(stages))
+    summary = preflight(cfg, init, tuple(stages))  # small local data: read once here, its summary returned
     for name in stages:
         check_output(cfg, name)
     startup = {"preflight": time.time() - t0}  # driver milestones, seconds since the command started
     ensure_ray(cfg, address, quiet)
     startup["ray"] = time.time() - t0
-    summary = ray_data.summarize(cfg)  # streams once: file:line errors or counted skips, split sizes
-    startup["data_summary"] = time.time() - t0
+    if summary is None:  # large or remote data: one Ray Data pass (file:line errors or counted skips, split sizes)
+        summary = ray_data.summarize(cfg)
+        startup["data_summary"] = time.time() - t0
     for line in summary.lines():
         print(f"[lbr] data: {line}", flush=True)
     summary.require_training_pairs(cfg.data.pairs)

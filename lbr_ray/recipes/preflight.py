@@ -16,15 +16,16 @@ from lbr_ray.plan import check_fits
 CHECKPOINTS_KEPT = 2  # launcher's CheckpointConfig(num_to_keep=2)
 
 
-def preflight(cfg: LbrConfig, init: str | None = None, stages: tuple[str, ...] = ()) -> None:
+def preflight(cfg: LbrConfig, init: str | None = None, stages: tuple[str, ...] = ()):
     """Data files exist and hold records, the output location takes the run, the model, tokenizer and --init
-    fit the config, and a resumed run continues the same model."""
+    fit the config, and a resumed run continues the same model. Returns the data summary when the data was small
+    and local enough to be read here (lbr_ray.data.summary), else None."""
     from transformers import AutoConfig
 
     from lbr_ray.model.bottleneck import load_tokenizer, resolve_model_path
     from lbr_ray.train.checkpoint import hf_dir
 
-    check_data(cfg)
+    summary = check_data(cfg)
     name = str(hf_dir(init)) if init else cfg.model.name
     try:
         model_config = AutoConfig.from_pretrained(resolve_model_path(name))
@@ -39,46 +40,41 @@ def preflight(cfg: LbrConfig, init: str | None = None, stages: tuple[str, ...] =
     if cfg.run.resume:
         for stage in stages:
             check_resume_config(cfg, stage)
+    return summary
 
 
-FULL_CHECK_BYTES = 64 << 20  # local data up to this size is validated record by record here, before Ray
-
-
-def check_data(cfg: LbrConfig) -> None:
+def check_data(cfg: LbrConfig):
     """Every pairs/corpus file exists and holds records (an empty file is an error, never 'no data'). Small local
-    data is also validated record by record here, so its errors (file:line) come before Ray starts; larger data
-    is validated by Ray Data's first pass (ray_data.summarize), with the same messages."""
-    from lbr_ray.data.readers import has_records, resolve_paths
-    from lbr_ray.storage import is_remote
+    data is also read record by record here, so its errors (file:line) come before Ray starts, and that one read
+    is the run's data summary (returned; None for larger or remote data, which Ray Data's first pass,
+    ray_data.summarize, validates with the same messages)."""
+    from lbr_ray.data.readers import has_records
+    from lbr_ray.data.summary import input_files, small_local
 
-    files = {}
-    for kind in ("pairs", "corpus"):
-        for path in resolve_paths(getattr(cfg.data, kind), kind) if getattr(cfg.data, kind) else []:
-            try:
-                empty = not has_records(path)
-            except OSError as e:
-                raise DataError(path, None, f"cannot read file ({str(e).splitlines()[0]})") from None
-            if empty:
-                raise DataError(path, None, f"the {kind} file is empty (no records); remove it or fill it")
-            files[path] = kind
-    size = sum(Path(f).stat().st_size for f in files if not is_remote(f))
-    if not any(is_remote(f) for f in files) and size <= FULL_CHECK_BYTES:
-        validate_records(cfg, files)
-
-
-def validate_records(cfg: LbrConfig, files: dict[str, str]) -> None:
-    """Read every record once: the first bad one stops (on_bad_record=error); with skip, all-bad data stops."""
-    from lbr_ray.data.readers import BadRecords, iter_records
-
-    bad, good = BadRecords(), 0
+    files = input_files(cfg)
     for path, kind in files.items():
-        for _ in iter_records(path, kind, cfg.data.on_bad_record, bad, cfg.data.max_record_bytes):
-            good += kind == "pairs"
-    if not good:
+        try:
+            empty = not has_records(path)
+        except OSError as e:
+            raise DataError(path, None, f"cannot read file ({str(e).splitlines()[0]})") from None
+        if empty:
+            raise DataError(path, None, f"the {kind} file is empty (no records); remove it or fill it")
+    return validate_records(cfg, files) if small_local(files) else None
+
+
+def validate_records(cfg: LbrConfig, files: dict[str, str]):
+    """Read every record once: the first bad one stops (on_bad_record=error); with skip, all-bad data stops.
+    Returns the DataSummary of what was read."""
+    from lbr_ray.data.summary import summarize_files
+
+    summary = summarize_files(cfg, files)
+    if not sum(summary.pairs_by_split.values()):
         pairs = [f for f, k in files.items() if k == "pairs"]
-        skipped = sum(bad.counts[f] for f in pairs)
+        skipped = sum(summary.bad_by_file[f] for f in pairs)
+        example = next((e for e in summary.bad_examples if any(e.startswith(f"{f}:") for f in pairs)), "-")
         raise DataError(", ".join(pairs), None, f"every pairs record was skipped as bad ({skipped}; "
-                        f"data.on_bad_record=skip), e.g. {bad.examples[0] if bad.examples else '-'}")
+                        f"data.on_bad_record=skip), e.g. {example}")
+    return summary
 
 
 def check_positions(cfg: LbrConfig, model_config) -> None:

@@ -45,11 +45,30 @@ def optimizer_and_schedule(model: torch.nn.Module, stage: StageConfig):
     return opt, sched
 
 
+def skip_cpu_shm_op() -> bool:
+    """On the CPU accelerator, DeepSpeed's comm backend JIT-builds (C++, ninja) a shared-memory all-reduce op when it
+    starts; only its inference all-reduce uses it (training all-reduces go through torch.distributed), yet every
+    worker paid the build check at start-up, and a full rebuild (a minute or more on 2 cores) whenever the cached
+    build's flags differed from another process's. Returns whether the build was switched off."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        return False
+    import importlib
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # not `import ... as`: deepspeed.comm.torch is torch
+    if not hasattr(ds_torch, "build_shm_op"):  # another DeepSpeed release: leave it alone
+        return False
+    ds_torch.build_shm_op = lambda: None
+    return True
+
+
 def initialize(objective: torch.nn.Module, ds: DeepSpeedConfig, stage: StageConfig):
     """deepspeed.initialize with our optimizer/schedule; DeepSpeed steps and checkpoints both."""
     use_environment_ninja()
     import deepspeed
 
+    skip_cpu_shm_op()
     opt, sched = optimizer_and_schedule(objective, stage)
     engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=opt, lr_scheduler=sched,
                                            config=ds_config(ds, stage))

@@ -20,14 +20,16 @@ from lbr_ray import storage
 from lbr_ray.train import manifest
 
 log = logging.getLogger("lbr_ray")
+_EMBEDDED = False  # this process started its own single-machine Ray (ensure_ray without an address)
 
 
 def ensure_ray(cfg: LbrConfig, address: str | None = None, quiet: bool = False) -> None:
     """Connect to `address`, or start an embedded local Ray sized for the run (logical CPUs may exceed the
     physical ones so Ray Data's tokenizer actors and the Train workers can share a small machine).
     `quiet`: Ray's output goes to the run's log files (lbr_ray.train.console), not to the console."""
+    global _EMBEDDED
     if not ray.is_initialized():
-        _init_ray(cfg, address, quiet)
+        _EMBEDDED = _init_ray(cfg, address, quiet)
         if quiet:
             from lbr_ray.train import console
 
@@ -43,16 +45,29 @@ def ensure_ray(cfg: LbrConfig, address: str | None = None, quiet: bool = False) 
     ctx.enable_progress_bars = False
 
 
-def _init_ray(cfg: LbrConfig, address: str | None, quiet: bool = False) -> None:
+def _init_ray(cfg: LbrConfig, address: str | None, quiet: bool = False) -> bool:
+    """Start or join Ray; True when this process started an embedded single-machine Ray."""
     address = address or os.environ.get("RAY_ADDRESS")  # inside a Ray job: the job's cluster
     level = logging.ERROR if quiet else logging.WARNING  # quiet: console.quiet_driver sends the rest to a file
     if address:  # the workers pick their DeepSpeed accelerator themselves (train.worker.WorkerRun)
         ray.init(address=address, log_to_driver=not quiet, logging_level=level)
-    else:
+        return False
         env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}} if not cfg.scaling.use_gpu else {}
         need = int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 2
         ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, runtime_env=env or None,
                  logging_level=level, log_to_driver=not quiet)
+        return True
+
+
+def worker_threads(cfg: LbrConfig, embedded: bool | None = None) -> int | None:
+    """torch threads per Train worker: `scaling.threads_per_worker`, else, on the embedded Ray of this machine, its
+    cores split among the workers (Ray alone would give each worker floor(cpus_per_worker) threads: 1 of the 2
+    cores for a 1-worker run), else None (Ray's default, for clusters and Tune trials, which share their nodes)."""
+    if cfg.scaling.threads_per_worker > 0:
+        return cfg.scaling.threads_per_worker
+    if (_EMBEDDED if embedded is None else embedded) and not cfg.scaling.use_gpu:
+        return max(1, (os.cpu_count() or 1) // cfg.scaling.num_workers)
+    return None
 
 
 class MetricsLog(UserCallback):
@@ -154,7 +169,7 @@ def run_stage(cfg: LbrConfig, stage: str, train_fn, datasets: dict, init: str | 
     trainer = LbrTorchTrainer(
         train_fn,
         train_loop_config={"cfg": to_dict(cfg), "t0": t0 or start, "stage_dir": str(stage_dir), "stage_uri": uri,
-                           "init": init, "quiet": quiet, **(extra or {})},
+                           "init": init, "quiet": quiet, "threads": worker_threads(cfg), **(extra or {})},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=worker_resources(cfg)),
         torch_config=TorchConfig(backend="nccl" if cfg.scaling.use_gpu else "gloo"),

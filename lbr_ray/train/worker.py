@@ -69,9 +69,11 @@ class WorkerRun:
         self.marks: dict[str, float] = {}  # start-up milestones, seconds since the command started (t0)
         self.mark("worker_start")
         worker_console(self.stage_dir, self.rank, self.quiet)
+        if config.get("threads"):  # else Ray's OMP_NUM_THREADS = floor(cpus_per_worker)
+            torch.set_num_threads(int(config["threads"]))
         torch.manual_seed(self.cfg.run.seed)
-        print(f"[lbr] {stage}: rank {self.rank} of {self.world} on node {ray.get_runtime_context().get_node_id()}",
-              flush=True)
+        print(f"[lbr] {stage}: rank {self.rank} of {self.world} on node {ray.get_runtime_context().get_node_id()}, "
+              f"{torch.get_num_threads()} torch threads", flush=True)
 
     def batches(self, prefixes: list[str], batch_size: int, pad_id: int, name: str = "train",
                 length: int | None = None):

@@ -28,7 +28,8 @@ def test_stage_1_mixes_files_in_proportion_and_holds_out_eval_positives(ray_loca
     leak_q = next(f"leak {n}" for n in range(1000) if split_of(f"leak {n}") == "train")
     _write(tmp_path / "pairs-d.jsonl.gz", [{"query": leak_q, "positive": "a held-out answer"}])
     cfg = load_config("configs/demo.yaml", [f"data.pairs=[{tmp_path}]", "data.corpus=[]", "ib_gl.target=pair"])
-    summary = ray_data.summarize(cfg)
+    summary = ray_data.summarize(cfg, in_process=False)  # the Ray Data pass (large or remote data)
+    assert summary == ray_data.summarize(cfg)  # small local data: read in the driver, the same summary
     assert text_key("a held-out answer") in summary.heldout_keys
     source = ray_data.stage1_source(cfg, summary.heldout_keys)
     first = source.take(120)

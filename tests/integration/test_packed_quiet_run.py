@@ -5,6 +5,7 @@ cleaner removes the group of a controller that died."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -47,7 +48,12 @@ def test_packed_quiet_run(tmp_path):
     for mark in ("worker_start", "model", "self_check", "deepspeed", "first_batch"):
         assert 0 < first[f"startup_{mark}_s"] <= first["first_step_s"], mark
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["startup_driver_s"]["ray"] < summary["startup_driver_s"]["data_summary"]
+    driver = summary["startup_driver_s"]  # small local data: summarised by the preflight's read, no Ray Data pass
+    assert driver["preflight"] < driver["ray"] and "data_summary" not in driver
+    assert summary["data"]["pairs_by_split"]["train"] > 0 and summary["data"]["corpus"] > 0
+    threads = max(1, (os.cpu_count() or 1) // 2)  # the embedded Ray's cores split between the 2 workers
+    assert "rank 0 of 2 on node" in (rank0 := (tmp_path / "ib_gl" / "logs" / "rank0.log").read_text())
+    assert f", {threads} torch threads" in rank0
 
 
 def test_cleaner_removes_the_group_of_a_dead_controller(ray_local):

@@ -216,3 +216,22 @@ def test_encoder_dim_under_zero3_partitioning(model_dirs):
     weight.data = torch.empty(0)
     weight.ds_shape = full
     assert enc.dim == hidden
+
+
+def test_self_check_compares_a_dense_backend_with_nothing_twice(model_dirs):
+    """Issue 11: with the dense backend the run-start check ran dense against itself (eval and training mode); it
+    now runs each forward once, and a backend that is not the dense function itself is still compared."""
+    from lbr_ray.model.attention.dense import dense_hidden
+
+    model, tok = build(model_dirs["llama"])
+    ids, seg = batch(tok)
+    calls = []
+    model.decoder.register_forward_hook(lambda *a: calls.append(1))
+    dense = check_mask(model, ids, seg)
+    n_dense = len(calls)
+    model._forward = lambda *a, **k: dense_hidden(*a, **k)  # same maths, another function: compared
+    calls.clear()
+    other = check_mask(model, ids, seg)
+    assert len(calls) == n_dense + 2  # + the backend's eval forward and its training-mode forward
+    assert dense["backend_rel_diff"] == 0.0 and dense["backend_grad_rel_diff"] == 0.0
+    assert other["backend_rel_diff"] < 1e-6 and other["backend_grad_rel_diff"] < 1e-6

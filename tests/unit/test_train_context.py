@@ -16,3 +16,19 @@ def test_bm25_context_line_compares_on_the_same_dev_set():
     assert ctx["bm25_dev_recall@10"] == 1.0  # each query's one distinctive word is only in its passage
     assert "0.250 for this model vs 1.000 for BM25" in ctx["line"] and "does not beat" in ctx["line"]
     assert "10 dev queries and 30 passages" in ctx["line"]
+
+
+def test_worker_threads_split_the_embedded_machine_among_workers(monkeypatch):
+    """Issue 11: Ray gives each Train worker OMP_NUM_THREADS = floor(cpus_per_worker), so a 1-worker run on a
+    2-core machine trained on 1 core; on the Ray lbr starts itself the workers now share the machine's cores."""
+    import os
+
+    from lbr_ray.config import load_config
+    from lbr_ray.train.launcher import worker_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    cfg = load_config("configs/demo.yaml", ["scaling.num_workers=3"])
+    assert worker_threads(cfg, embedded=True) == 2
+    assert worker_threads(cfg, embedded=False) is None  # a cluster or a Tune trial: Ray's default
+    assert worker_threads(load_config("configs/demo.yaml", ["scaling.threads_per_worker=5"]), embedded=False) == 5
+    assert worker_threads(load_config("configs/demo.yaml", ["scaling.num_workers=16"]), embedded=True) == 1

@@ -78,12 +78,12 @@ def initialize(objective: torch.nn.Module, ds: DeepSpeedConfig, stage: StageConf
 def use_environment_ninja() -> None:
     """Put this Python's bin folder (where pip installed DeepSpeed's `ninja`) first on PATH.
 
-    On CPU, DeepSpeed JIT-builds its shared-memory comm op (torch's cpp_extension runs `ninja` from PATH) into a
-    cache every process of the user shares (~/.cache/torch_extensions). A Ray node started with the environment's
-    bin folder on PATH (`lbr cluster up`, the two-node test) found pip's ninja 1.13, an embedded Ray started by
-    `.venv/bin/python` found the system's 1.11; their build logs differ (v7 vs v5 command hashes), so each switch
-    rebuilt the op: 1-3 minutes of C++ on a loaded 2-core machine before the first step. One ninja for every
-    worker, whatever PATH its node started with."""
+    DeepSpeed JIT-builds its C++ ops on CPU (torch's cpp_extension runs `ninja` from PATH; e.g. the CPU Adam of
+    `deepspeed.offload_optimizer`) into a cache every process of the user shares (~/.cache/torch_extensions). A Ray
+    node started with the environment's bin folder on PATH (`lbr cluster up`, the two-node test) found pip's ninja
+    1.13, an embedded Ray started by `.venv/bin/python` found the system's 1.11; their build logs differ (v7 vs v5
+    command hashes), so each switch rebuilt the op: 1-3 minutes of C++ on a loaded 2-core machine before the first
+    step. One ninja for every worker, whatever PATH its node started with."""
     bindir = os.path.dirname(sys.executable)
     path = os.environ.get("PATH", "")
     if os.path.exists(os.path.join(bindir, "ninja")) and path.split(os.pathsep)[0] != bindir:

@@ -68,7 +68,8 @@ def _train(cfg: LbrConfig, folder: Path, key: str, quiet: bool = False) -> dict:
     cfg = replace(cfg, run={"output": str(folder), "resume": True})  # resume: an interrupted run continues
     summary = preflight(cfg) or ray_data.summarize(cfg)  # small local data: the preflight's one read
     ds = {"train": ray_data.stage1_dataset(cfg, summary.heldout_keys)}
-    res = run_stage(cfg, "ib_gl", ib_gl.train_fn, ds, t0=start, callbacks=[RecordPlacementGroup(folder)], quiet=quiet)
+    res = run_stage(cfg, "ib_gl", ib_gl.train_fn, ds, t0=start, callbacks=[RecordPlacementGroup(folder)],
+                    quiet=quiet)
     marker = {"key": key, "model": str(res.model_dir.relative_to(folder.resolve())), "train_s": time.time() - start,
               "last": res.last, "data": summary.lines(), "fields": stage1_fields(cfg)}
     tmp = folder / f".{MARKER}.tmp"

@@ -241,7 +241,7 @@ def build_tuner(cfg: LbrConfig, spec: StudySpec, study: Path, callbacks: list | 
     from ray.tune.search import BasicVariantGenerator
 
     from lbr_ray.tune.cleanup import ReleaseStoppedTrials
-    from lbr_ray.tune.search import EXPERIMENT, concurrency
+    from lbr_ray.tune.search import EXPERIMENT, concurrency, trial_failures
 
     space = {"cell": tune.grid_search(grid_cells(spec))}  # one grid axis: the cells in run order
     tune_config = tune.TuneConfig(metric=f"test_{spec.target}_{METRIC}", mode="max",
@@ -250,7 +250,7 @@ def build_tuner(cfg: LbrConfig, spec: StudySpec, study: Path, callbacks: list | 
     run_config = tune.RunConfig(name=EXPERIMENT, storage_path=str(study), verbose=0 if quiet else 1,
                                 callbacks=[ReleaseStoppedTrials(study / "cells"), *console_lines(spec, quiet),
                                            *(callbacks or [])],
-                                failure_config=tune.FailureConfig(max_failures=cfg.tune.max_failures))
+                                failure_config=tune.FailureConfig(max_failures=trial_failures(cfg)))
     return tune.Tuner(trainable(cfg, spec, study, quiet), param_space=space, tune_config=tune_config,
                       run_config=run_config)
 

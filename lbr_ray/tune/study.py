@@ -32,6 +32,7 @@ STAT_TESTS = ("fisher", "student")
 SPEC = "study.json"
 CELL = "cell.json"
 METRIC = "recall@10"
+MIN_HARD = 20  # hard-type test queries a domain needs for its own column in the hard-types table
 
 
 @dataclass(frozen=True)
@@ -488,10 +489,15 @@ def markdown(doc: dict, spec: StudySpec) -> str:
                      + f" | {_ms((r['dev']['mean'], r['dev']['std']))} |")
     lines.append("| BM25 (reference) | - | " + " | ".join(f"{doc['bm25'].get(d, 0):.4f}" for d in spec.domains)
                  + " | - |")
-    hard = [d for d in spec.domains if any(r[f"{d}:hard"]["mean"] is not None for r in doc["table"])]
+    counts = {d: max((c["test"].get(d, {}).get("hard_queries", 0) for c in doc.get("cells", [])), default=0)
+              for d in spec.domains}
+    hard = [d for d in spec.domains if any(r[f"{d}:hard"]["mean"] is not None for r in doc["table"])
+            and (counts[d] >= MIN_HARD or not doc.get("cells"))]
     if hard:
-        lines += ["", "Hard query types only (without the lexically easy term_ctx and section pairs), test R@10:", "",
-                  "| variant | " + " | ".join(hard) + " |", "|---|" + "---|" * len(hard)]
+        lines += ["", "Hard query types only (without the lexically easy term_ctx and section pairs and the moderate "
+                      f"HPO/GO term definitions; domains with at least {MIN_HARD} such test queries), test R@10:", "",
+                  "| variant | " + " | ".join(f"{d} ({counts[d]} q)" if counts[d] else d for d in hard) + " |",
+                  "|---|" + "---|" * len(hard)]
         lines += [f"| {r['variant']} | " + " | ".join(_ms((r[f'{d}:hard']['mean'], r[f'{d}:hard']['std']))
                                                       for d in hard) + " |" for r in doc["table"]]
     if doc["significance"]:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # "Does LBR help?": the general base's held-out perplexities, then the medical and chemistry studies on that base
-# (docs/study.md). Needs runs/base-general/lm/model (lbr train --stage lm --config configs/base-general.yaml) and the
+# (docs/study.md). Needs runs/base-general/lm/model (lbr train --stage lm --config configs/study/base-general.yaml) and the
 # shared data (../shared/data). Results: benchmarks/results/base_general.json, study_general_{medical,chemistry}.*
 # Usage: bash benchmarks/study_general.sh [medical|chemistry|perplexity]...   (default: all three, in that order)
 set -euo pipefail
@@ -25,12 +25,12 @@ run() {
       $PY benchmarks/base_perplexity.py --model runs/base-general/lm/model --data-root "$DATA" \
           --domains code,biology,medical,chemistry --texts 400 --out $RES/base_general.json ;;
     medical)
-      $LBR study --config configs/study-general.yaml --target medical --heldout biology,chemistry --data-root "$DATA" \
+      $LBR study --config configs/study/study-general.yaml --target medical --heldout biology,chemistry --data-root "$DATA" \
           --variants 'lbr,gl-cl,cl,cl-mc,lbr+bottleneck.k=1@0,lbr+bottleneck.k=2@0,lbr+bottleneck.k=4@0,lbr+bottleneck.k=8@0,lbr+model.from_scratch=true@0,cl+model.from_scratch=true@0' \
           --seeds 0,1,2 $EVAL --output runs/study-medical
       copy runs/study-medical medical ;;
     chemistry)
-      $LBR study --config configs/study-general.yaml --target chemistry --heldout biology,medical --data-root "$DATA" \
+      $LBR study --config configs/study/study-general.yaml --target chemistry --heldout biology,medical --data-root "$DATA" \
           --variants lbr,gl-cl,cl,cl-mc --seeds 0,1 $EVAL --output runs/study-chemistry
       copy runs/study-chemistry chemistry ;;
     *) echo "unknown part $1" >&2; exit 2 ;;

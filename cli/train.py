@@ -21,7 +21,7 @@ Examples:
 
   lbr train --stage ib-gl --config configs/demo.yaml --output runs/demo --resume
 
-  lbr train --stage lm --config configs/base-general.yaml      # pre-train a base model on a domain mixture
+  lbr train --stage lm --config configs/study/base-general.yaml      # pre-train a base model on a domain mixture
 """
 
 

@@ -112,7 +112,7 @@ def test_failed_trial_is_retried_as_tune_max_failures_says(ray_local, tmp_path, 
 
     from lbr_ray.tune import search
 
-    def fails_once(params: dict, base: dict, sweep: str) -> None:
+    def fails_once(params: dict, base: dict, sweep: str, quiet: bool = True) -> None:
         attempts = Path(sweep) / f"{tune.get_context().get_trial_name()}.attempts"
         n = len(attempts.read_text()) if attempts.exists() else 0
         attempts.write_text("x" * (n + 1))

@@ -32,3 +32,23 @@ def test_worker_threads_split_the_embedded_machine_among_workers(monkeypatch):
     assert worker_threads(cfg, embedded=False) is None  # a cluster or a Tune trial: Ray's default
     assert worker_threads(load_config("configs/demo.yaml", ["scaling.threads_per_worker=5"]), embedded=False) == 5
     assert worker_threads(load_config("configs/demo.yaml", ["scaling.num_workers=16"]), embedded=True) == 1
+
+
+def test_embedded_ray_is_started_with_room_for_ray_data(monkeypatch):
+    """Without an address, lbr starts its own Ray with logical CPUs for the Train workers plus Ray Data's tokenizer
+    actors (a merge once left this ray.init unreachable: Ray auto-started with the machine's 2 CPUs, the two Train
+    workers took both and a CLI run hung before its first batch). With an address it only joins."""
+    import ray
+
+    from lbr_ray.config import load_config
+    from lbr_ray.train import launcher
+
+    calls = []
+    monkeypatch.setattr(ray, "init", lambda **kw: calls.append(kw))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    cfg = load_config("configs/demo.yaml", ["scaling.num_workers=2"])
+    assert launcher._init_ray(cfg, None) is True
+    assert len(calls) == 1 and calls[0]["num_cpus"] >= 2 * cfg.scaling.cpus_per_worker + 2
+    assert calls[0]["include_dashboard"] is False
+    assert launcher._init_ray(cfg, "127.0.0.1:6379") is False and calls[1] == {
+        "address": "127.0.0.1:6379", "log_to_driver": True, "logging_level": calls[1]["logging_level"]}

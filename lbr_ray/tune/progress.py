@@ -15,23 +15,20 @@ class TrialLines(tune.Callback):
         self.command, self.total, self.describe = command, total, describe
         self.started: dict[str, float] = {}
 
-    def _name(self, trial) -> str:
-        return f"{self.describe(trial.config)}"
-
     def on_trial_start(self, iteration, trials, trial, **info):
         self.started[trial.trial_id] = time.time()
-        print(f"[lbr] {self.command}: {self._name(trial)} started ({len(self.started)} this session, {self.total} in "
-              "all)", flush=True)
+        print(f"[lbr] {self.command}: {self.describe(trial.config)} started ({len(self.started)} this session, "
+              f"{self.total} in all)", flush=True)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         result = trial.last_result or {}
         metrics = "  ".join(f"{k} {v:.4f}" for k, v in sorted(result.items())
                             if k.startswith(("test_", "dev_")) and isinstance(v, (int, float)))
-        print(f"[lbr] {self.command}: {self._name(trial)} done in {self._elapsed(trial)}: {metrics or 'no metrics'}",
-              flush=True)
+        print(f"[lbr] {self.command}: {self.describe(trial.config)} done in {self._elapsed(trial)}: "
+              f"{metrics or 'no metrics'}", flush=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        print(f"[lbr] {self.command}: {self._name(trial)} failed after {self._elapsed(trial)}; the error: "
+        print(f"[lbr] {self.command}: {self.describe(trial.config)} failed after {self._elapsed(trial)}; the error: "
               f"{trial.error_file or trial.path}", flush=True)
 
     def _elapsed(self, trial) -> str:

@@ -14,7 +14,7 @@ from lbr_ray.config.schema import LbrConfig
 from lbr_ray.data.readers import MAX_RECORD_BYTES, iter_raw, resolve_paths
 from lbr_ray.data.schema import CHECKS
 from lbr_ray.data.summary import DataSummary, input_files, small_local, summarize_files
-from lbr_ray.data.split import split_of, text_key
+from lbr_ray.data.split import pair_split, split_of, text_key
 from lbr_ray.errors import DataError
 
 EMPTY = {"pairs": {"query": "", "positive": "", "negatives": [], "type": "", "source": ""},
@@ -73,17 +73,15 @@ def summarize(cfg: LbrConfig, with_corpus: bool = True, in_process: bool | None 
     summary = DataSummary()
     split_cfg = cfg.data.split
 
-    def digest(batch: dict) -> dict:  # per row: its split and, for dev/test rows, the positive's text key
-        splits = [split_of(q, split_cfg) if not e else "" for q, e in zip(batch["query"], batch["_error"])]
-        held = [text_key(p) if s in ("dev", "test") else "" for p, s in zip(batch["positive"], splits)]
-        return {"split": splits, "held": held, "_file": batch["_file"], "_line": batch["_line"],
-                "_error": batch["_error"]}
+    def digest(batch: dict) -> dict:  # per row: split.pair_split (empty for a bad record)
+        got = [pair_split(q, p, split_cfg) if not e else ("", "")
+               for q, p, e in zip(batch["query"], batch["positive"], batch["_error"])]
+        return {"split": [s for s, _ in got], "held": [h for _, h in got], "_file": batch["_file"],
+                "_line": batch["_line"], "_error": batch["_error"]}
 
     for row in _read(cfg, "pairs").map_batches(digest).iter_rows():
         if not _tally(summary, row):
-            summary.pairs_by_split[row["split"]] += 1
-        if row["held"]:
-            summary.heldout_keys.add(row["held"])
+            summary.count_pair(row["split"], row["held"])
     if with_corpus and cfg.data.corpus:
         cols = ["_file", "_line", "_error"]
         for row in _read(cfg, "corpus").select_columns(cols).iter_rows():

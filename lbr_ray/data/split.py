@@ -31,3 +31,9 @@ def split_of(query: str, cfg: SplitConfig = SplitConfig()) -> str:
 def text_key(text: str) -> str:
     """Stable key of a text, used to de-duplicate and to keep held-out positives out of training."""
     return hashlib.sha1(" ".join(text.split()).encode("utf-8")).hexdigest()
+
+
+def pair_split(query: str, positive: str, cfg: SplitConfig = SplitConfig()) -> tuple[str, str]:
+    """A pair's split and, for a dev/test pair, its positive's text_key (which training must not see; else "")."""
+    split = split_of(query, cfg)
+    return split, text_key(positive) if split in ("dev", "test") else ""

@@ -26,6 +26,12 @@ class DataSummary:
     def bad(self) -> int:
         return sum(self.bad_by_file.values())
 
+    def count_pair(self, split: str, held: str) -> None:
+        """One good pair, as `split.pair_split` gives it."""
+        self.pairs_by_split[split] += 1
+        if held:
+            self.heldout_keys.add(held)
+
     def require_training_pairs(self, specs) -> None:
         """Stop (DataError) when nothing is left to train on: every record skipped, or none in the train split."""
         if self.pairs_by_split.get("train", 0) > 0:
@@ -66,7 +72,7 @@ def summarize_files(cfg, files: dict[str, str]) -> DataSummary:
     """Read every record of `files` once in this process: the first bad one raises DataError(file, line)
     (data.on_bad_record=error) or is counted (skip); the same figures as the Ray Data pass."""
     from lbr_ray.data.readers import BadRecords, iter_records
-    from lbr_ray.data.split import split_of, text_key
+    from lbr_ray.data.split import pair_split
 
     summary, bad = DataSummary(), BadRecords()
     for path, kind in files.items():
@@ -74,9 +80,6 @@ def summarize_files(cfg, files: dict[str, str]) -> DataSummary:
             if kind == "corpus":
                 summary.corpus += 1
                 continue
-            split = split_of(rec["query"], cfg.data.split)
-            summary.pairs_by_split[split] += 1
-            if split in ("dev", "test"):
-                summary.heldout_keys.add(text_key(rec["positive"]))
+            summary.count_pair(*pair_split(rec["query"], rec["positive"], cfg.data.split))
     summary.bad_by_file, summary.bad_examples = Counter(bad.counts), list(bad.examples)
     return summary

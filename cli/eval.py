@@ -53,8 +53,9 @@ def eval_command(
                                                       rich_help_panel=Panel, show_default=False)] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Truncate texts to this many tokens (minilm/base).",
                                                       rich_help_panel=Panel, show_default=False)] = None,
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Embedding cache (default ~/.cache/lbr-ray/embeddings "
-                                                      "or $LBR_CACHE/embeddings).", show_default=False)] = None,
+    cache_dir: Annotated[Optional[str], typer.Option(help="Embedding cache, a folder or an s3:// / gs:// URI "
+                                                     "(default ~/.cache/lbr-ray/embeddings or $LBR_CACHE/embeddings).",
+                                                     show_default=False)] = None,
     split: Annotated[str, typer.Option(help="Which queries are the test split: model (the split recorded in the "
                                        "model's lbr_ray.json, else the default), default, or an lbr-ray config "
                                        "file (its data.split).")] = "model",

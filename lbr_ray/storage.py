@@ -5,7 +5,8 @@
 
 S3 endpoint and credentials come from the usual AWS variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY,
 AWS_DEFAULT_REGION, AWS_ENDPOINT_URL for an S3-compatible server such as MinIO) or from `run.storage_endpoint` in the
-config (exported as AWS_ENDPOINT_URL by `configure`); GCS uses the Google application-default credentials.
+config (exported as AWS_ENDPOINT_URL by `configure`). GCS uses the Google application-default credentials, or,
+with STORAGE_EMULATOR_HOST set (the variable of Google's own clients and gcsfs), an emulator without credentials.
 """
 from __future__ import annotations
 
@@ -46,6 +47,19 @@ def _s3(endpoint: str | None):
     return fs.S3FileSystem(**kwargs)
 
 
+def _gcs(emulator: str | None):
+    from datetime import timedelta
+
+    from pyarrow import fs
+
+    limit = timedelta(seconds=TIMEOUT_S)
+    if not emulator:
+        return fs.GcsFileSystem(retry_time_limit=limit)
+    scheme, _, host = emulator.partition("://")
+    return fs.GcsFileSystem(anonymous=True, endpoint_override=host or scheme, scheme=scheme if host else "http",
+                            retry_time_limit=limit)
+
+
 def filesystem(path: str | os.PathLike):
     """(pyarrow FileSystem, path inside it) for a local path or an s3:// / gs:// URI."""
     from pyarrow import fs
@@ -54,7 +68,7 @@ def filesystem(path: str | os.PathLike):
     if path.startswith("s3://"):
         return _s3(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")), path[5:].rstrip("/")
     if path.startswith(("gs://", "gcs://")):
-        return fs.GcsFileSystem(), path.split("://", 1)[1].rstrip("/")
+        return _gcs(os.environ.get("STORAGE_EMULATOR_HOST")), path.split("://", 1)[1].rstrip("/")
     return fs.LocalFileSystem(), str(Path(path).expanduser().resolve())
 
 
@@ -106,8 +120,10 @@ def file_info(path: str):
     try:
         return fs.get_file_info(p)
     except OSError as e:
-        raise ConfigError(f"{path}: cannot reach the storage ({_first_line(e)}); check AWS_ENDPOINT_URL / "
-                          "run.storage_endpoint and the credentials") from None
+        where = "STORAGE_EMULATOR_HOST" if not str(path).startswith("s3://") else \
+            "AWS_ENDPOINT_URL / run.storage_endpoint"
+        raise ConfigError(f"{path}: cannot reach the storage ({_first_line(e)}); check {where} and the "
+                          "credentials") from None
 
 
 def list_files(path: str) -> list[str]:
@@ -126,19 +142,31 @@ def list_dirs(path: str) -> list[str]:
     if file_info(path).type != pafs.FileType.Directory:
         return []
     fs, p = filesystem(path)
-    return sorted(i.base_name for i in fs.get_file_info(pafs.FileSelector(p)) if i.type == pafs.FileType.Directory)
+    # from a recursive listing: object stores have no folders, only prefixes, and pyarrow's GCS filesystem lists
+    # none of them non-recursively (seen against gcp-storage-emulator)
+    found = [(i.path[len(p):].lstrip("/"), i.type) for i in fs.get_file_info(pafs.FileSelector(p, recursive=True))]
+    return sorted({rel.split("/")[0] for rel, kind in found if "/" in rel or kind == pafs.FileType.Directory})
 
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def upload_dir(local: str | Path, dest: str) -> None:
-    """Copy a local folder's files to a remote folder (overwriting files of the same name)."""
+def upload_dir(local: str | Path, dest: str, last: str | None = None) -> None:
+    """Copy a local folder's files to a remote folder (overwriting files of the same name). `last`, a file directly
+    in the folder, is copied after every other file: a reader that trusts only folders holding it (a manifest)
+    never takes a half-uploaded folder for a whole one."""
     from pyarrow import fs as pafs
 
     fs, p = filesystem(dest)
-    pafs.copy_files(str(local), p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
+    local_fs = pafs.LocalFileSystem()
+    if last is None:
+        pafs.copy_files(str(local), p, source_filesystem=local_fs, destination_filesystem=fs)
+        return
+    files = sorted(f for f in Path(local).rglob("*") if f.is_file())
+    for f in sorted(files, key=lambda f: f == Path(local) / last):
+        pafs.copy_files(str(f), f"{p}/{f.relative_to(local).as_posix()}", source_filesystem=local_fs,
+                        destination_filesystem=fs)
 
 
 def download_dir(src: str, local: str | Path) -> Path:

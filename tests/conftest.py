@@ -101,6 +101,39 @@ def s3_server():
         proc.wait(timeout=10)
 
 
+@pytest.fixture(scope="session")
+def gcs_server():
+    """gcp-storage-emulator (in memory) on a free 127.0.0.1 port, stopped by pid; STORAGE_EMULATOR_HOST points gs://
+    paths at it while it runs. Yields a function that creates a bucket."""
+    import json
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = free_port()
+    exe = Path(sys.executable).with_name("gcp-storage-emulator")
+    proc = subprocess.Popen([str(exe), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    host, old = f"http://127.0.0.1:{port}", os.environ.get("STORAGE_EMULATOR_HOST")
+
+    def create_bucket(name: str) -> None:
+        urllib.request.urlopen(urllib.request.Request(
+            f"{host}/storage/v1/b?project=lbr-test", data=json.dumps({"name": name}).encode(),
+            headers={"Content-Type": "application/json"}, method="POST"), timeout=10).read()
+
+    try:
+        wait_port(port)
+        os.environ["STORAGE_EMULATOR_HOST"] = host
+        yield create_bucket
+    finally:
+        if old is None:
+            os.environ.pop("STORAGE_EMULATOR_HOST", None)
+        else:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
 @pytest.fixture
 def lbr(monkeypatch, capsys):
     """Run `lbr ARGS` in this process; returns (exit code, stderr), stdout in `.out`. Starting Ray fails the test."""

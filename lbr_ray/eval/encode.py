@@ -4,7 +4,8 @@ An encoder is any object with `encode(texts, batch_size) -> float32 [N, D]` (L2-
 `fingerprint`. Workers never receive a model: they receive an `EncoderRef` (a small picklable recipe) and load it.
 The cache folder `<cache_dir>/<role>-<sha1(fingerprint, texts)[:20]>/` holds `part-*.npy` ([n, D] float32) with
 `part-*.rows.npy` (the rows of the input they hold) and `manifest.json`, written last: a folder with a manifest is
-complete, and re-encoding the same texts with the same model reads it instead of encoding anything.
+complete, and re-encoding the same texts with the same model reads it instead of encoding anything. The cache may
+live on s3:// or gs:// (shared by the nodes of a cluster and by later runs): entries are uploaded manifest last.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from lbr_ray.errors import LbrError
+
+MANIFEST = "manifest.json"  # written last into a cache folder: only folders holding it are read
 
 BIG_FILE = 256 << 20  # files above this are fingerprinted by size + first/last 4 MiB instead of full contents
 
@@ -243,11 +246,28 @@ def cache_key(fingerprint: str, texts: list[str], role: str) -> str:
 
 
 def read_cache(folder: Path) -> Encoded | None:
-    manifest = folder / "manifest.json"
+    manifest = folder / MANIFEST
     if not manifest.is_file():
         return None
     m = json.loads(manifest.read_text())
     return Encoded(folder, m["n"], m["dim"], m["parts"], encoded=0)
+
+
+def _fetch_cache(remote: str, folder: Path) -> Encoded | None:
+    """A remote cache folder that holds its manifest (uploaded last, see `storage.upload_dir`), copied to `folder`."""
+    from pyarrow.fs import FileType
+
+    from lbr_ray import storage
+
+    if storage.file_info(storage.join(remote, MANIFEST)).type != FileType.File:
+        return None
+    tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    storage.download_dir(remote, tmp)
+    if folder.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, folder)
+    return read_cache(folder)
 
 
 def encode_cached(ref: EncoderRef, texts: list[str], cache_dir: str | Path, role: str = "passage",
@@ -260,18 +280,25 @@ def encode_many(ref: EncoderRef, jobs: list[tuple[list[str], str]], cache_dir: s
                 batch_size: int = 64, use_gpu: bool = False, shard_rows: int = 1024, fingerprint: str | None = None,
                 log=print) -> list[Encoded]:
     """Embed several (texts, role) lists in ONE pass of the actor pool (one model load per worker), skipping every
-    list already in the cache. num_workers=0 encodes in this process, without Ray."""
+    list already in the cache. num_workers=0 encodes in this process, without Ray. A remote `cache_dir` (s3://,
+    gs://) is mirrored in a local staging folder: entries are fetched from it and new ones uploaded to it."""
+    from lbr_ray import storage
+
     fingerprint = fingerprint or ref.fingerprint
+    remote = str(cache_dir) if storage.is_remote(cache_dir) else None
+    local = storage.staging_dir(remote) if remote else Path(cache_dir)
     folders, results, todo = [], [], []
     for j, (texts, role) in enumerate(jobs):
         if not texts:
             raise EncoderError(f"nothing to encode: the {role} list is empty")
-        folders.append(Path(cache_dir) / cache_key(fingerprint, texts, role))
-        results.append(read_cache(folders[-1]))
+        key = cache_key(fingerprint, texts, role)
+        folders.append(local / key)
+        where = storage.join(remote, key) if remote else folders[-1]
+        results.append(read_cache(folders[-1]) or (_fetch_cache(where, folders[-1]) if remote else None))
         if results[-1] is None:
             todo.append(j)
         else:
-            log(f"  {len(texts)} {role} embeddings read from the cache {folders[-1]}")
+            log(f"  {len(texts)} {role} embeddings read from the cache {where}")
     if not todo:
         return results
     rows = [(j, r, jobs[j][0][r], jobs[j][1]) for j in todo for r in range(len(jobs[j][0]))]
@@ -304,6 +331,8 @@ def encode_many(ref: EncoderRef, jobs: list[tuple[list[str], str]], cache_dir: s
     for j in todo:
         results[j] = writers[j].finish(seconds)
         results[j].steady_per_s = steady
+        if remote:
+            storage.upload_dir(folders[j], storage.join(remote, folders[j].name), last=MANIFEST)
     return results
 
 
@@ -331,7 +360,7 @@ class _ShardWriter:
 
     def finish(self, seconds: float) -> Encoded:
         assert self.count == self.n, f"{self.role}: {self.count} of {self.n} rows came back"
-        (self.tmp / "manifest.json").write_text(json.dumps(
+        (self.tmp / MANIFEST).write_text(json.dumps(
             {"n": self.n, "dim": self.dim, "parts": self.parts, "role": self.role, "fingerprint": self.fingerprint}))
         if self.folder.exists():  # another run finished the same folder meanwhile
             self.abort()

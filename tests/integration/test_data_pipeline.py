@@ -1,5 +1,5 @@
 """Ray Data pipeline: stage-1 rows mix all files from the first batch on, in the same order every execution, and
-contain no dev/test positive."""
+contain no dev/test positive; small local data, shuffled in the driver, gives the same rows as Ray Data's path."""
 from __future__ import annotations
 
 import gzip
@@ -31,14 +31,29 @@ def test_stage_1_mixes_files_in_proportion_and_holds_out_eval_positives(ray_loca
     summary = ray_data.summarize(cfg, in_process=False)  # the Ray Data pass (large or remote data)
     assert summary == ray_data.summarize(cfg)  # small local data: read in the driver, the same summary
     assert text_key("a held-out answer") in summary.heldout_keys
-    source = ray_data.stage1_source(cfg, summary.heldout_keys)
-    first = source.take(120)
-    assert first == source.take(120)  # the same stream in every execution: resume skips consumed batches exactly
     train = Counter(r["_file"].split("/")[-1] for r in ray_data.pairs(cfg, "train").iter_rows())
-    seen = Counter(r["_file"].split("/")[-1] for r in first)
-    for name in sizes:  # share of the first 120 rows within 0.12 of the file's share of the training rows
-        assert abs(seen[name] / 120 - train[name] / sum(train.values())) <= 0.12, (seen, train)
-    everything = list(source.iter_rows())
-    assert not {text_key(r["positive"]) for r in everything} & summary.heldout_keys
+    streams = {}
+    for in_process in (True, False):  # small local data: read and shuffled in the driver; else Ray Data's shuffle
+        source = ray_data.stage1_source(cfg, summary.heldout_keys, in_process=in_process)
+        first = source.take(120)
+        assert first == source.take(120)  # the same stream in every execution: resume skips consumed batches exactly
+        seen = Counter(r["_file"].split("/")[-1] for r in first)
+        for name in sizes:  # share of the first 120 rows within 0.12 of the file's share of the training rows
+            assert abs(seen[name] / 120 - train[name] / sum(train.values())) <= 0.12, (in_process, seen, train)
+        streams[in_process] = everything = list(source.iter_rows())
+        assert not {text_key(r["positive"]) for r in everything} & summary.heldout_keys
+        assert len(everything) == sum(train.values()) - 1  # only the leaking training pair is held out
     assert "a held-out answer" in {r["positive"] for r in ray_data.pairs(cfg, "train").iter_rows()}
-    assert len(everything) == sum(train.values()) - 1  # only the leaking training pair is held out
+    assert sorted(map(_key, streams[True])) == sorted(map(_key, streams[False]))  # the same rows either way
+    assert ray_data.stage1_source(cfg, summary.heldout_keys).take(5) == streams[True][:5]  # small: in the driver
+    texts = load_config("configs/demo.yaml", [f"data.pairs=[{tmp_path}]", "ib_gl.target=self"])  # + demo corpus
+    got = {p: sorted(r["text"] for r in ray_data.stage1_source(texts, summary.heldout_keys, in_process=p).iter_rows())
+           for p in (True, False)}
+    assert got[True] == got[False] and len(got[True]) > 2 * (sum(train.values()) - 1)
+    stage2 = {p: Counter(int(k) for b in ray_data.stage2_dataset(cfg, cfg.model.name, in_process=p).iter_batches()
+                         for k in b["q_key"]) for p in (True, False)}
+    assert stage2[True] == stage2[False] and sum(stage2[True].values()) == sum(train.values())
+
+
+def _key(row: dict) -> tuple:
+    return tuple(sorted((k, str(v)) for k, v in row.items()))

@@ -11,7 +11,7 @@ import ray
 
 from lbr_ray.config import to_dict
 from lbr_ray.config.schema import LbrConfig
-from lbr_ray.data.readers import MAX_RECORD_BYTES, iter_raw, resolve_paths
+from lbr_ray.data.readers import MAX_RECORD_BYTES, iter_raw, iter_records, resolve_paths
 from lbr_ray.data.schema import CHECKS
 from lbr_ray.data.summary import DataSummary, input_files, small_local, summarize_files
 from lbr_ray.data.split import pair_split, split_of, text_key
@@ -161,8 +161,6 @@ def _in_driver(cfg: LbrConfig, in_process: bool | None) -> bool:
 
 def _local_records(cfg: LbrConfig, kind: str) -> list[dict]:
     """Every good record of small local data, read in this process, with the columns of `read_records`' rows."""
-    from lbr_ray.data.readers import iter_records
-
     return [{**r, "_error": ""} for path in resolve_paths(getattr(cfg.data, kind), kind)
             for r in iter_records(path, kind, cfg.data.on_bad_record, None, cfg.data.max_record_bytes)]
 

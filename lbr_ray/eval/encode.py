@@ -261,13 +261,22 @@ def _fetch_cache(remote: str, folder: Path) -> Encoded | None:
 
     if storage.file_info(storage.join(remote, MANIFEST)).type != FileType.File:
         return None
-    tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = _tmp_folder(folder)
     storage.download_dir(remote, tmp)
+    _publish(tmp, folder)
+    return read_cache(folder)
+
+
+def _tmp_folder(folder: Path) -> Path:
+    return folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+def _publish(tmp: Path, folder: Path) -> None:
+    """Rename a complete temp folder into place (atomic); if another run finished `folder` meanwhile, drop ours."""
     if folder.exists():
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         os.replace(tmp, folder)
-    return read_cache(folder)
 
 
 def encode_cached(ref: EncoderRef, texts: list[str], cache_dir: str | Path, role: str = "passage",
@@ -341,7 +350,7 @@ class _ShardWriter:
 
     def __init__(self, folder: Path, n: int, role: str, fingerprint: str):
         self.folder, self.n, self.role, self.fingerprint = folder, n, role, fingerprint
-        self.tmp = folder.with_name(f"{folder.name}.tmp-{uuid.uuid4().hex[:8]}")
+        self.tmp = _tmp_folder(folder)
         self.tmp.mkdir(parents=True)
         self.parts, self.dim, self.count = [], None, 0
 
@@ -362,10 +371,7 @@ class _ShardWriter:
         assert self.count == self.n, f"{self.role}: {self.count} of {self.n} rows came back"
         (self.tmp / MANIFEST).write_text(json.dumps(
             {"n": self.n, "dim": self.dim, "parts": self.parts, "role": self.role, "fingerprint": self.fingerprint}))
-        if self.folder.exists():  # another run finished the same folder meanwhile
-            self.abort()
-        else:
-            os.replace(self.tmp, self.folder)
+        _publish(self.tmp, self.folder)
         return Encoded(self.folder, self.n, self.dim, self.parts, encoded=self.n, seconds=seconds)
 
 

@@ -70,7 +70,22 @@ def quiet_driver(output: Path) -> Path:
     warn_logger = logging.getLogger("py.warnings")
     warn_logger.addHandler(handler)
     warn_logger.propagate = False
+    pushed_messages_to_log()
     return logs
+
+
+def pushed_messages_to_log() -> None:
+    """The messages Ray's raylets push to a driver ("(raylet) WARNING: N PYTHON worker processes have been
+    started ...", a killed worker) are printed to stdout in colour whatever `log_to_driver` says: Ray's listener
+    thread calls `ray._private.worker.print_to_stdstream` for them (the only caller left when log_to_driver is off).
+    Send them to the "ray" logger, i.e. RUN/logs/driver.log; a failure that matters reaches lbr as an exception."""
+    import ray._private.worker as ray_worker
+
+    def to_log(data: dict, ignore_prefix: bool = False) -> None:
+        for line in data.get("lines", []):
+            logging.getLogger("ray").warning("(%s) %s", data.get("pid", "ray"), line)
+
+    ray_worker.print_to_stdstream = to_log
 
 
 def link_ray_logs(logs: Path) -> Path | None:

@@ -27,7 +27,8 @@ def test_packed_quiet_run(tmp_path):
     console = proc.stdout + proc.stderr
     assert proc.returncode == 0, console[-3000:]
     lines = console.splitlines()
-    assert not re.search(r"\x1b\[", console)  # no ANSI colour codes
+    ansi = re.search(r"\x1b\[", console)  # no ANSI colour codes
+    assert not ansi, console[max(0, ansi.start() - 500):ansi.start() + 500]
     assert "Failed to query Ray Train Controller" not in console and "Reporting training result" not in console
     assert not [line for line in lines if line.startswith("(")], "Ray's (Actor pid=...) lines reach the console"
     assert any("mask self-check passed (dense, packed rows)" in line for line in lines)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 SMALL = ["data.max_input_tokens=48", "data.max_target_tokens=48", "ib_gl.batch_size=8", "ib_gl.warmup_steps=1",
          "gr_cl.warmup_steps=2", "gr_cl.batch_size=16", "gr_cl.eval_queries=100", "gr_cl.eval_corpus=400",
          "gr_cl.log_every=4", "gr_cl.checkpoint_every=100",
-         "run.self_check=false"]  # the mask self-check has its own tests (test_masks, test_ib_gl); saves start-up here
+         "run.self_check=false"]  # the mask self-check has its own tests (test_masks, test_packed_quiet_run); saves start-up here
 # R=16 -> k <= 3, R=48 -> k = 1 on 48-token inputs. Temperature 1e20 freezes the model (its gradients vanish under
 # AdamW's epsilon), so at step 4 it still has the step-0 dev R@10, which the same R's 0.05 trial has improved on.
 # Trials run R-fastest: (16, .05), (48, .05), (16, 1e20), (48, 1e20). With reduction_factor 1000 the step-4 cutoff is

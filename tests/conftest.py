@@ -111,9 +111,12 @@ def gcs_server():
     import urllib.request
 
     port = free_port()
-    exe = Path(sys.executable).with_name("gcp-storage-emulator")
-    proc = subprocess.Popen([str(exe), "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # the emulator's HTTP server answers one request at a time; GCS (and pyarrow's client, which downloads a
+    # checkpoint's files in parallel and times out waiting) serve many: run it threaded
+    code = ("import sys, http.server as h; h.HTTPServer = h.ThreadingHTTPServer; "
+            "from gcp_storage_emulator.__main__ import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.Popen([sys.executable, "-c", code, "start", "--host", "127.0.0.1", "--port", str(port),
+                             "--in-memory"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     host, old = f"http://127.0.0.1:{port}", os.environ.get("STORAGE_EMULATOR_HOST")
 
     def create_bucket(name: str) -> None:

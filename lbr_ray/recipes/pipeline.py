@@ -19,7 +19,7 @@ from lbr_ray.config.schema import STAGES
 from lbr_ray.data import ray_data
 from lbr_ray.errors import ConfigError
 from lbr_ray.recipes.preflight import preflight
-from lbr_ray.train.launcher import StageResult, check_output, ensure_ray, print_config, run_stage
+from lbr_ray.train.launcher import StageResult, check_output, ensure_ray, print_config, run_stage, stage_paths
 
 
 def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address: str | None = None,
@@ -62,7 +62,7 @@ def train(cfg: LbrConfig, stage: str = "ib-gl", init: str | None = None, address
 
         ds = {"train": ray_data.stage1_dataset(cfg, summary.heldout_keys)}
         results["ib_gl"] = run_stage(cfg, "ib_gl", ib_gl.train_fn, ds, t0=t0, quiet=quiet)
-        _print_stage(results["ib_gl"])
+        _print_stage(cfg, results["ib_gl"])
         init = str(results["ib_gl"].model_dir)
         if storage.is_remote(cfg.run.output):  # workers on other nodes read stage 1's model from the storage
             init = storage.join(cfg.run.output, "ib_gl", "model")
@@ -94,7 +94,7 @@ def _run_gr_cl(cfg: LbrConfig, init: str | None, t0: float, match_compute: bool,
     ds = {"train": ray_data.stage2_dataset(cfg, init or cfg.model.name, heldout_keys)}
     res = run_stage(cfg, "gr_cl", gr_cl.train_fn, ds, init=init, extra={"dev": dev_payload}, t0=t0,
                     callbacks=callbacks, quiet=quiet)
-    _print_stage(res)
+    _print_stage(cfg, res)
     devs = [m for m in res.metrics if "dev_recall@10" in m]
     if devs:
         print(f"[lbr] dev R@10: {devs[0]['dev_recall@10']:.4f} at step {devs[0]['step']} -> "
@@ -161,11 +161,13 @@ def mean_row_tokens(cfg: LbrConfig, heldout_keys: set[str] = frozenset(), sample
     return per_row1, per_row2
 
 
-def _print_stage(res: StageResult) -> None:
+def _print_stage(cfg: LbrConfig, res: StageResult) -> None:
     last = res.last
     keys = ("loss", "tokens_per_s", "steps_per_s", "first_step_s", "dev_recall@10")
     figures = {k: round(last[k], 4) for k in keys if k in last}
-    print(f"[lbr] {res.stage} done in {res.wall_s:.1f}s: {figures}; model: {res.model_dir}", flush=True)
+    uri = stage_paths(cfg, res.stage)[1]  # a remote output: where the model is, then its local staging copy
+    where = f"{uri}/model (local copy: {res.model_dir})" if uri else res.model_dir
+    print(f"[lbr] {res.stage} done in {res.wall_s:.1f}s: {figures}; model: {where}", flush=True)
 
 
 def _write_summary(cfg: LbrConfig, data, results: dict[str, StageResult], wall_s: float,
@@ -178,7 +180,8 @@ def _write_summary(cfg: LbrConfig, data, results: dict[str, StageResult], wall_s
            "data": {"pairs_by_split": dict(data.pairs_by_split), "corpus": data.corpus,
                     "bad_records": data.bad, "bad_by_file": dict(data.bad_by_file),
                     "bad_examples": data.bad_examples},
-           "stages": {k: {"model": str(r.model_dir), "wall_s": r.wall_s, "last": r.last,
+           "stages": {k: {"model": storage.join(cfg.run.output, k, "model") if remote else str(r.model_dir),
+                          "wall_s": r.wall_s, "last": r.last,
                           "dev": dev[k][-1] if dev[k] else None, "dev_step0": dev[k][0] if dev[k] else None}
                       for k, r in results.items()}}
     if context:

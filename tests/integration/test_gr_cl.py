@@ -1,9 +1,12 @@
-"""Stage 2 and the two-stage pipeline on real Ray Train + DeepSpeed (2 CPU workers), export, variants."""
+"""Stage 2 and the two-stage pipeline on real Ray Train + DeepSpeed (2 CPU workers), export, variants; the cl
+variant through the CLI with its output on gs:// (gcp-storage-emulator)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,7 @@ import pytest
 from lbr_ray.config import load_config
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["data.max_input_tokens=48", "data.max_target_tokens=48", "ib_gl.batch_size=8", "ib_gl.warmup_steps=3",
          "gr_cl.warmup_steps=3", "gr_cl.batch_size=16", "gr_cl.eval_queries=100", "gr_cl.eval_corpus=400",
          "bottleneck.k=2"]
@@ -38,19 +42,48 @@ def test_two_stage_run_loss_falls_and_dev_recall_rises(lbr_run):
     assert (out / "ib_gl" / "model" / "lbr_ray.json").is_file() and (out / "gr_cl" / "model" / "lbr_ray.json").is_file()
 
 
-@pytest.mark.parametrize("variant", ["gl-cl", "cl"])
-def test_variants_run(ray_local, tmp_path, variant):
+VARIANT_RUN = SMALL + ["ib_gl.max_steps=4", "gr_cl.max_steps=4", "gr_cl.log_every=2", "gr_cl.eval_every=0",
+                      "gr_cl.gen_weight=0.1"]
+
+
+def test_gl_cl_variant_runs(ray_local, tmp_path):
     from lbr_ray.recipes.pipeline import train
 
-    cfg = load_config("configs/demo.yaml", SMALL + ["ib_gl.max_steps=4", "gr_cl.max_steps=4", "gr_cl.log_every=2",
-                                                    "gr_cl.eval_every=0", f"run.output={tmp_path}",
-                                                    f"run.variant={variant}", "gr_cl.gen_weight=0.1"])
+    cfg = load_config("configs/demo.yaml", VARIANT_RUN + [f"run.output={tmp_path}", "run.variant=gl-cl"])
     results = train(cfg, stage="all")
-    assert set(results) == ({"gr_cl"} if variant == "cl" else {"ib_gl", "gr_cl"})
-    if variant == "gl-cl":  # stage 1 was a plain LM: no target tokens, loss on the input
-        assert results["ib_gl"].last["target_loss"] == 0 and results["ib_gl"].last["input_loss"] > 0
+    assert set(results) == {"ib_gl", "gr_cl"}
+    # stage 1 was a plain LM: no target tokens, loss on the input
+    assert results["ib_gl"].last["target_loss"] == 0 and results["ib_gl"].last["input_loss"] > 0
     assert results["gr_cl"].last["step"] == 4
     assert results["gr_cl"].last["gen_loss"] > 0  # gen_weight > 0: the IB loss on query -> positive is trained too
+
+
+def test_cl_variant_from_the_cli_to_gs(gcs_server, tmp_path):
+    """`lbr train --variant cl --output gs://...` on the embedded Ray that the command starts: Ray Train's
+    checkpoints (each with its manifest), the metrics and the final model land in the bucket."""
+    from lbr_ray import storage
+
+    gcs_server("lbr-runs")
+    out = "gs://lbr-runs/cl"
+    cmd = [sys.executable, "-m", "cli.main", "train", "--stage", "all", "--variant", "cl", "--config",
+           "configs/demo.yaml", "--output", out, "--num-workers", "2"]
+    for o in VARIANT_RUN + ["gr_cl.checkpoint_every=2"]:
+        cmd += ["--set", o]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "LBR_STAGING": str(tmp_path / "staging")})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    files = [f[len(out) + 1:] for f in storage.list_files(out)]
+    assert not any(f.startswith("ib_gl/") for f in files)  # cl: GR-CL only
+    checkpoints = {f.split("/")[1] for f in files if f.startswith("gr_cl/checkpoint_") and f.count("/") > 1}
+    assert len(checkpoints) == 2 and all(f"gr_cl/{c}/manifest.json" in files for c in checkpoints), files
+    assert {"gr_cl/model/lbr_ray.json", "gr_cl/model/config.json", "summary.json"} <= set(files), files
+    with storage.open_binary(f"{out}/summary.json") as fh:
+        assert json.loads(fh.read())["stages"]["gr_cl"]["model"] == f"{out}/gr_cl/model"
+    assert f"; model: {out}/gr_cl/model (local copy: " in proc.stdout  # the user hears where the model is
+    with storage.open_binary(f"{out}/gr_cl/metrics.jsonl") as fh:
+        rows = [json.loads(line) for line in fh.read().decode().splitlines() if line.strip()]
+    last = [r for r in rows if "nce_loss" in r][-1]
+    assert last["step"] == 4 and last["gen_loss"] > 0  # gen_weight > 0: the IB loss on query -> positive trains too
 
 
 def test_collapse_monitor_flags_the_failure_signature():

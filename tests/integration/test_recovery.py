@@ -133,6 +133,7 @@ def interrupted_and_resumed(out: Path):
     return res, loss
 
 
+@pytest.mark.slow
 def test_killed_worker_recovers_and_zero3_matches_zero2(ray_local, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -14,6 +14,7 @@ STEPS = ["tune.ib_gl_steps=2", "tune.gr_cl_steps=2", "tune.eval_every=2", "gr_cl
          "gr_cl.eval_corpus=150"]
 
 
+@pytest.mark.slow
 def test_study_grid_resumes_without_rerunning_finished_cells(ray_local, tmp_path, capfd):
     from ranx import Run
     from typer.testing import CliRunner

@@ -40,6 +40,7 @@ class InterruptAfter(tune.Callback):
             os.kill(os.getpid(), signal.SIGUSR1)
 
 
+@pytest.mark.slow
 def test_sweep_reuses_stage1_stops_early_resumes_and_reports(ray_local, tmp_path, capfd):
     from typer.testing import CliRunner
 

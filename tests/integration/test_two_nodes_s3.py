@@ -92,6 +92,7 @@ def lbr(env: dict, *args: str) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+@pytest.mark.slow
 def test_two_nodes_checkpoint_to_s3_resume_from_s3_past_a_damaged_checkpoint(two_nodes, tmp_path):
     env = {**two_nodes["env"], "LBR_STAGING": str(tmp_path / "staging")}
     s3_stop_damage_resume(env, ["--address", two_nodes["address"]], "run2n", ["scaling.worker_resource=lbr_worker"],

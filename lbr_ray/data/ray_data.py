@@ -1,8 +1,9 @@
 """Ray Data pipelines: read + validate shards -> split -> tokenize on CPU (class UDF) -> datasets for Ray Train.
 
-Nothing here materialises the data in the driver: `summarize` streams once over the records to fail fast with
-file:line errors, count what each split holds and collect the keys of held-out positives (kept out of stage 1);
-small local data is summarised in the driver instead (lbr_ray.data.summary), usually by the preflight.
+Large or remote data is never materialised in the driver: `summarize` streams once over the records to fail fast
+with file:line errors, count what each split holds and collect the keys of held-out positives (kept out of stage 1).
+Small local data is summarised in the driver instead (lbr_ray.data.summary), usually by the preflight, and read,
+shuffled and (up to TOKENIZE_HERE_ROWS rows) tokenized there, so a small stage starts no read or tokenizer tasks.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from lbr_ray.data.summary import DataSummary, input_files, small_local, summariz
 from lbr_ray.data.split import pair_split, split_of, text_key
 from lbr_ray.errors import DataError
 
+TOKENIZE_HERE_ROWS = 20_000  # small local data up to this many rows per stage is tokenized in the driver
 EMPTY = {"pairs": {"query": "", "positive": "", "negatives": [], "type": "", "source": ""},
          "corpus": {"id": "", "text": "", "title": "", "source": ""}}
 
@@ -126,11 +128,16 @@ def stage1_texts(cfg: LbrConfig, heldout_keys: set[str]) -> ray.data.Dataset:
 
 def stage1_source(cfg: LbrConfig, heldout_keys: set[str], in_process: bool | None = None) -> ray.data.Dataset:
     """The rows stage 1 tokenizes (texts, or pairs for `target: pair`) in a seeded random order. Small local data
-    (`in_process=None`) is read, filtered and shuffled in this process (see `shuffled_rows`), the rest by Ray Data."""
+    (`in_process=None`) is read, filtered and shuffled in this process (see `stage1_rows`), the rest by Ray Data."""
     if not _in_driver(cfg, in_process):
         if cfg.ib_gl.target == "pair":
             return mixed(pairs(cfg, "train").filter(lambda r: keeps_pair_row(r, heldout_keys)), cfg)
         return mixed(stage1_texts(cfg, heldout_keys), cfg)
+    return ray.data.from_items(stage1_rows(cfg, heldout_keys))
+
+
+def stage1_rows(cfg: LbrConfig, heldout_keys: set[str]) -> list[dict]:
+    """`stage1_source` for small local data, as a list read in this process."""
     train = _local_pairs(cfg, "train")
     if cfg.ib_gl.target == "pair":
         return shuffled_rows([r for r in train if keeps_pair_row(r, heldout_keys)], cfg)
@@ -147,12 +154,31 @@ def mixed(ds: ray.data.Dataset, cfg: LbrConfig) -> ray.data.Dataset:
     return ds.random_shuffle(seed=cfg.run.seed)
 
 
-def shuffled_rows(rows: list[dict], cfg: LbrConfig) -> ray.data.Dataset:
-    """`mixed` for rows already in this process: one seeded permutation, then a Dataset of them. Ray Data's
-    all-to-all shuffle waits for every read and costs seconds of task start-up (6 s of a demo stage's 16 s to its
-    first batch, measured idle): small data goes faster this way, in the same order at every execution."""
+def shuffled_rows(rows: list[dict], cfg: LbrConfig) -> list[dict]:
+    """`mixed` for rows already in this process: one seeded permutation. Ray Data's all-to-all shuffle waits for
+    every read and costs seconds of task start-up (6 s of a demo stage's 16 s to its first batch, measured idle):
+    small data goes faster this way, in the same order at every execution."""
     order = np.random.default_rng(cfg.run.seed).permutation(len(rows))
-    return ray.data.from_items([rows[i] for i in order])
+    return [rows[i] for i in order]
+
+
+def tokenized(rows: list[dict], udf: type, args: tuple) -> ray.data.Dataset:
+    """Rows through a stage's tokenizer UDF, 256 a batch as `map_batches` gives them. Up to TOKENIZE_HERE_ROWS rows
+    (about a second of work) this process does it and hands Ray Data the finished blocks: no tokenizer actor to
+    start, a process importing transformers that held a small stage's first batch back by seconds."""
+    if len(rows) > TOKENIZE_HERE_ROWS:
+        return ray.data.from_items(rows).map_batches(udf, fn_constructor_args=args, batch_size=256, concurrency=1,
+                                                     num_cpus=0.5)
+    from ray.data.block import BlockAccessor
+
+    fn = udf(*args)
+    return ray.data.from_blocks([BlockAccessor.batch_to_block(fn(as_batch(rows[i:i + 256])))
+                                 for i in range(0, len(rows), 256)])
+
+
+def as_batch(rows: list[dict]) -> dict:
+    """Row dicts -> the numpy column batch a Ray Data UDF receives."""
+    return {k: np.array([r.get(k) for r in rows] + [None], dtype=object)[:-1] for k in rows[0]}
 
 
 def _in_driver(cfg: LbrConfig, in_process: bool | None) -> bool:
@@ -230,11 +256,11 @@ class TokenizeStage2:
 
 def stage2_dataset(cfg: LbrConfig, tokenizer_path: str, heldout_keys: set[str] = frozenset(),
                    in_process: bool | None = None) -> ray.data.Dataset:
-    source = shuffled_rows(_local_pairs(cfg, "train"), cfg) if _in_driver(cfg, in_process) else \
-        mixed(pairs(cfg, "train"), cfg)
-    return source.map_batches(
-        TokenizeStage2, fn_constructor_args=(to_dict(cfg), tokenizer_path, heldout_keys), batch_size=256,
-        concurrency=1, num_cpus=0.5)
+    args = (to_dict(cfg), tokenizer_path, heldout_keys)
+    if _in_driver(cfg, in_process):
+        return tokenized(shuffled_rows(_local_pairs(cfg, "train"), cfg), TokenizeStage2, args)
+    return mixed(pairs(cfg, "train"), cfg).map_batches(TokenizeStage2, fn_constructor_args=args, batch_size=256,
+                                                       concurrency=1, num_cpus=0.5)
 
 
 def _text_ids(texts: list[str]) -> np.ndarray:
@@ -249,6 +275,8 @@ def columns(prefix: str, rows) -> dict:
 
 
 def stage1_dataset(cfg: LbrConfig, heldout_keys: set[str]) -> ray.data.Dataset:
-    return stage1_source(cfg, heldout_keys).map_batches(TokenizeStage1, fn_constructor_args=(to_dict(cfg),),
-                                                        batch_size=256, concurrency=1, num_cpus=0.5)
+    if _in_driver(cfg, None):
+        return tokenized(stage1_rows(cfg, heldout_keys), TokenizeStage1, (to_dict(cfg),))
+    return stage1_source(cfg, heldout_keys, in_process=False).map_batches(
+        TokenizeStage1, fn_constructor_args=(to_dict(cfg),), batch_size=256, concurrency=1, num_cpus=0.5)
 

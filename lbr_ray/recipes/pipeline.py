@@ -11,7 +11,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 
 from lbr_ray import storage
 from lbr_ray.config import LbrConfig, replace, to_dict
@@ -138,9 +137,6 @@ def mean_row_tokens(cfg: LbrConfig, heldout_keys: set[str] = frozenset(), sample
     def pick(rows, key):  # the `sample` rows with the smallest sha1(seed, key): order-free and deterministic
         return heapq.nsmallest(sample, rows, key=lambda r: hashlib.sha1(f"{cfg.run.seed}:{key(r)}".encode()).digest())
 
-    def as_batch(rows: list[dict]) -> dict:  # row dicts -> the numpy column batch a Ray Data UDF receives
-        return {k: np.array([r.get(k) for r in rows] + [None], dtype=object)[:-1] for k in rows[0]}
-
     types = cfg.data.types
     train = [r for r in read_all(cfg.data.pairs, "pairs")
              if split_of(r["query"], cfg.data.split) == "train" and (not types or r["type"] in types)]
@@ -153,9 +149,9 @@ def mean_row_tokens(cfg: LbrConfig, heldout_keys: set[str] = frozenset(), sample
                                             if ray_data.keeps_corpus_row(r, heldout_keys)))
         rows1 = pick(texts, lambda r: r["text"])
     lm_cfg = replace(cfg, run={"variant": "lbr"})  # the two-stage reference builds IB rows
-    built1 = ray_data.TokenizeStage1(to_dict(lm_cfg))(as_batch(rows1))
+    built1 = ray_data.TokenizeStage1(to_dict(lm_cfg))(ray_data.as_batch(rows1))
     rows2 = [{**r, "_file": "", "_line": 0} for r in pick(train, lambda r: r["query"] + r["positive"])]
-    built2 = ray_data.TokenizeStage2(to_dict(cfg), cfg.model.name, heldout_keys)(as_batch(rows2))
+    built2 = ray_data.TokenizeStage2(to_dict(cfg), cfg.model.name, heldout_keys)(ray_data.as_batch(rows2))
     per_row1 = sum(len(ids) for ids in built1["ib_ids"]) / len(built1["ib_ids"])  # per row: packed rows hold several
     per_row2 = sum(len(ids) for k, col in built2.items() if k.endswith("_ids") for ids in col) / len(rows2)
     return per_row1, per_row2

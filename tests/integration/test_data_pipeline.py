@@ -1,12 +1,13 @@
 """Ray Data pipeline: stage-1 rows mix all files from the first batch on, in the same order every execution, and
-contain no dev/test positive; small local data, shuffled in the driver, gives the same rows as Ray Data's path."""
+contain no dev/test positive; small local data, shuffled and tokenized in the driver, gives the same rows as Ray
+Data's path."""
 from __future__ import annotations
 
 import gzip
 import json
 from collections import Counter
 
-from lbr_ray.config import load_config
+from lbr_ray.config import load_config, to_dict
 from lbr_ray.data import ray_data
 from lbr_ray.data.split import split_of, text_key
 
@@ -16,7 +17,7 @@ def _write(path, rows):
         fh.writelines(json.dumps(r) + "\n" for r in rows)
 
 
-def test_stage_1_mixes_files_in_proportion_and_holds_out_eval_positives(ray_local, tmp_path):
+def test_stage_1_mixes_files_in_proportion_and_holds_out_eval_positives(ray_local, tmp_path, monkeypatch):
     """Issue 13.7: files were read one block each, in order, so a short stage saw mostly its first files."""
     sizes = {"pairs-a.jsonl.gz": 300, "pairs-b.jsonl.gz": 200, "pairs-c.jsonl.gz": 100}
     test_q = next(f"test query {n}" for n in range(1000) if split_of(f"test query {n}") == "test")
@@ -53,6 +54,15 @@ def test_stage_1_mixes_files_in_proportion_and_holds_out_eval_positives(ray_loca
     stage2 = {p: Counter(int(k) for b in ray_data.stage2_dataset(cfg, cfg.model.name, in_process=p).iter_batches()
                          for k in b["q_key"]) for p in (True, False)}
     assert stage2[True] == stage2[False] and sum(stage2[True].values()) == sum(train.values())
+    # small stages are tokenized in the driver: the same rows as the tokenizer actor makes of the same stream
+    rows = ray_data.stage1_rows(texts, summary.heldout_keys)
+    assert len(rows) <= ray_data.TOKENIZE_HERE_ROWS
+    built = {}
+    for where, limit in (("driver", ray_data.TOKENIZE_HERE_ROWS), ("actor", 0)):
+        monkeypatch.setattr(ray_data, "TOKENIZE_HERE_ROWS", limit)
+        ds = ray_data.tokenized(rows, ray_data.TokenizeStage1, (to_dict(texts),))
+        built[where] = sorted((tuple(r["ib_ids"]), tuple(r["ib_seg"])) for r in ds.iter_rows())
+    assert built["driver"] == built["actor"] and len(built["driver"]) == len(rows)
 
 
 def _key(row: dict) -> tuple:

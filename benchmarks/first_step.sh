@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Time to the first IB-GL step of the demo, two source trees side by side: `lbr train --stage ib-gl` with 1 worker,
+# 4 steps, on each tree in turn, ROUNDS times (interleaved, so the machine's drift hits both alike). One JSON line per
+# run to OUT: the tree, the round, the command's wall time, the first logged loss (equal trees train the same stream)
+# and the worker's start-up milestones (seconds since the command started).
+#   bash benchmarks/first_step.sh BASE_TREE NEW_TREE [ROUNDS] [OUT]
+set -euo pipefail
+base=$(realpath "$1"); new=$(realpath "$2"); rounds=${3:-2}; out=${4:-benchmarks/results/first_step.jsonl}
+py=${PYTHON:-$(pwd)/.venv/bin/python}  # absolute (the runs cd into the trees), not resolved (a venv's python is a link)
+out=$(realpath -m "$out"); mkdir -p "$(dirname "$out")"; : > "$out"
+tmp=$(mktemp -d)
+for round in $(seq "$rounds"); do
+  for tree in "$base" "$new"; do
+    run="$tmp/run-$round-$(basename "$tree")"
+    start=$(date +%s.%N)
+    (cd "$tree" && PYTHONPATH="$tree" DS_ACCELERATOR=cpu "$py" -m cli.main train --stage ib-gl \
+      --config configs/demo.yaml --output "$run" --num-workers 1 --set ib_gl.max_steps=4 --set ib_gl.log_every=2 \
+      --set run.tensorboard=false > "$run.log" 2>&1)
+    end=$(date +%s.%N)
+    "$py" - "$run" "$tree" "$round" "$start" "$end" >> "$out" <<'EOF'
+import json, sys
+run, tree, rnd, start, end = sys.argv[1:]
+first = json.loads(open(f"{run}/ib_gl/metrics.jsonl").readline())
+print(json.dumps({"tree": tree, "round": int(rnd), "wall_s": round(float(end) - float(start), 1),
+                  "loss": first["loss"], **{k: round(v, 1) for k, v in first.items()
+                                            if k.startswith("startup_") or k == "first_step_s"}}))
+EOF
+    tail -1 "$out"
+  done
+done
+rm -rf "$tmp"

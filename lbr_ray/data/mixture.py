@@ -94,5 +94,4 @@ class PackDocuments:
 
 
 def lm_dataset(cfg: LbrConfig, tokenizer_path: str, docs: ray.data.Dataset) -> ray.data.Dataset:
-    return docs.map_batches(PackDocuments, fn_constructor_args=(to_dict(cfg), tokenizer_path),
-                            batch_size=256, concurrency=1, num_cpus=0.5)
+    return ray_data.in_actor(docs, PackDocuments, (to_dict(cfg), tokenizer_path))

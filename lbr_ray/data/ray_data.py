@@ -19,6 +19,7 @@ from lbr_ray.data.split import pair_split, split_of, text_key
 from lbr_ray.errors import DataError
 
 TOKENIZE_HERE_ROWS = 20_000  # small local data up to this many rows per stage is tokenized in the driver
+TOKENIZE_BATCH = 256  # rows per call of a tokenizer UDF (packing works within one call's rows)
 EMPTY = {"pairs": {"query": "", "positive": "", "negatives": [], "type": "", "source": ""},
          "corpus": {"id": "", "text": "", "title": "", "source": ""}}
 
@@ -163,17 +164,22 @@ def shuffled_rows(rows: list[dict], cfg: LbrConfig) -> list[dict]:
 
 
 def tokenized(rows: list[dict], udf: type, args: tuple) -> ray.data.Dataset:
-    """Rows through a stage's tokenizer UDF, 256 a batch as `map_batches` gives them. Up to TOKENIZE_HERE_ROWS rows
-    (about a second of work) this process does it and hands Ray Data the finished blocks: no tokenizer actor to
-    start, a process importing transformers that held a small stage's first batch back by seconds."""
+    """Rows through a stage's tokenizer UDF, TOKENIZE_BATCH rows a call as `in_actor` gives them. Up to
+    TOKENIZE_HERE_ROWS rows (about a second of work) this process does it and hands Ray Data the finished blocks: no
+    tokenizer actor to start, a process importing transformers that held a small stage's first batch back by
+    seconds."""
     if len(rows) > TOKENIZE_HERE_ROWS:
-        return ray.data.from_items(rows).map_batches(udf, fn_constructor_args=args, batch_size=256, concurrency=1,
-                                                     num_cpus=0.5)
+        return in_actor(ray.data.from_items(rows), udf, args)
     from ray.data.block import BlockAccessor
 
     fn = udf(*args)
-    return ray.data.from_blocks([BlockAccessor.batch_to_block(fn(as_batch(rows[i:i + 256])))
-                                 for i in range(0, len(rows), 256)])
+    return ray.data.from_blocks([BlockAccessor.batch_to_block(fn(as_batch(rows[i:i + TOKENIZE_BATCH])))
+                                 for i in range(0, len(rows), TOKENIZE_BATCH)])
+
+
+def in_actor(ds: ray.data.Dataset, udf: type, args: tuple) -> ray.data.Dataset:
+    """`ds` through a tokenizer UDF in one Ray Data actor (half a CPU, next to the Train workers)."""
+    return ds.map_batches(udf, fn_constructor_args=args, batch_size=TOKENIZE_BATCH, concurrency=1, num_cpus=0.5)
 
 
 def as_batch(rows: list[dict]) -> dict:
@@ -216,7 +222,7 @@ class TokenizeStage1:
             rows = self.builder.pair_rows(list(batch["query"]), list(batch["positive"]), ib=self.ib)
         else:
             rows = self.builder.stage1_rows(list(batch["text"]), self.target, self.ib)
-        if self.pack_length:  # several units per row (first-fit decreasing within this block of 256 units)
+        if self.pack_length:  # several units per row (first-fit decreasing within this call's units)
             from lbr_ray.layout import pack
 
             rows = pack(rows, self.pack_length)
@@ -259,8 +265,7 @@ def stage2_dataset(cfg: LbrConfig, tokenizer_path: str, heldout_keys: set[str] =
     args = (to_dict(cfg), tokenizer_path, heldout_keys)
     if _in_driver(cfg, in_process):
         return tokenized(shuffled_rows(_local_pairs(cfg, "train"), cfg), TokenizeStage2, args)
-    return mixed(pairs(cfg, "train"), cfg).map_batches(TokenizeStage2, fn_constructor_args=args, batch_size=256,
-                                                       concurrency=1, num_cpus=0.5)
+    return in_actor(mixed(pairs(cfg, "train"), cfg), TokenizeStage2, args)
 
 
 def _text_ids(texts: list[str]) -> np.ndarray:
@@ -277,6 +282,5 @@ def columns(prefix: str, rows) -> dict:
 def stage1_dataset(cfg: LbrConfig, heldout_keys: set[str]) -> ray.data.Dataset:
     if _in_driver(cfg, None):
         return tokenized(stage1_rows(cfg, heldout_keys), TokenizeStage1, (to_dict(cfg),))
-    return stage1_source(cfg, heldout_keys, in_process=False).map_batches(
-        TokenizeStage1, fn_constructor_args=(to_dict(cfg),), batch_size=256, concurrency=1, num_cpus=0.5)
+    return in_actor(stage1_source(cfg, heldout_keys, in_process=False), TokenizeStage1, (to_dict(cfg),))
 

@@ -11,7 +11,6 @@ import os
 import time
 from pathlib import Path
 
-
 from lbr_ray import storage
 from lbr_ray.config import LbrConfig, replace, to_dict
 from lbr_ray.config.schema import STAGES

@@ -169,6 +169,25 @@ def upload_dir(local: str | Path, dest: str, last: str | None = None) -> None:
                         destination_filesystem=fs)
 
 
+def upload_file(src: str | Path, dest: str) -> None:
+    """Copy one local file to a remote path (overwriting it)."""
+    fs, path = filesystem(dest)
+    with fs.open_output_stream(path) as fh:
+        fh.write(Path(src).read_bytes())
+
+
+def download_file(src: str, dest: str | Path) -> bool:
+    """Copy one remote file to a local path; False (and nothing written) when it does not exist."""
+    from pyarrow import fs as pafs
+
+    fs, path = filesystem(src)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        return False
+    with fs.open_input_stream(path) as fh:
+        Path(dest).write_bytes(fh.read())
+    return True
+
+
 def download_dir(src: str, local: str | Path) -> Path:
     """Copy a remote folder to a local folder; returns the local folder."""
     from pyarrow import fs as pafs

@@ -183,9 +183,7 @@ def _write_summary(cfg: LbrConfig, data, results: dict[str, StageResult], wall_s
         doc["dev_vs_bm25"] = context
     (out / "summary.json").write_text(json.dumps(doc, indent=2, default=str))
     if remote:
-        fs, path = storage.filesystem(storage.join(cfg.run.output, "summary.json"))
-        with fs.open_output_stream(path) as fh:
-            fh.write((out / "summary.json").read_bytes())
+        storage.upload_file(out / "summary.json", storage.join(cfg.run.output, "summary.json"))
 
 
 __all__ = ["train", "matched_steps", "STAGES"]

@@ -82,7 +82,7 @@ class MetricsLog(UserCallback):
             with open(self.path, "a") as fh:
                 fh.write(json.dumps(metrics[0]) + "\n")
         if checkpoint is not None and self.remote:
-            _put(self.path, self.remote)
+            storage.upload_file(self.path, self.remote)
 
 
 class ManifestWriter(UserCallback):
@@ -162,8 +162,8 @@ def run_stage(cfg: LbrConfig, stage: str, train_fn, datasets: dict, init: str | 
     _, uri = stage_paths(cfg, stage)
     remote_log = storage.join(uri, "metrics.jsonl") if uri else None
     if uri is not None:  # resumed: continue the metrics log where the storage has it; the config goes up now
-        _fetch(remote_log, stage_dir / "metrics.jsonl")
-        _put(stage_dir / "config.yaml", storage.join(uri, "config.yaml"))
+        storage.download_file(remote_log, stage_dir / "metrics.jsonl")
+        storage.upload_file(stage_dir / "config.yaml", storage.join(uri, "config.yaml"))
     fs, storage_path = storage.filesystem(uri.rsplit("/", 1)[0]) if uri else (None, str(stage_dir.parent))
     start = time.time()
     trainer = LbrTorchTrainer(
@@ -212,21 +212,6 @@ def worker_resources(cfg: LbrConfig) -> dict:
     if cfg.scaling.worker_resource:
         res[cfg.scaling.worker_resource] = 1
     return res
-
-
-def _put(src: Path, dest: str) -> None:
-    fs, path = storage.filesystem(dest)
-    with fs.open_output_stream(path) as fh:
-        fh.write(src.read_bytes())
-
-
-def _fetch(src: str, dest: Path) -> None:
-    from pyarrow import fs as pafs
-
-    fs, p = storage.filesystem(src)
-    if fs.get_file_info(p).type == pafs.FileType.File:
-        with fs.open_input_stream(p) as fh:
-            dest.write_bytes(fh.read())
 
 
 def read_metrics(stage_dir: Path) -> list[dict]:

@@ -52,10 +52,11 @@ def _init_ray(cfg: LbrConfig, address: str | None, quiet: bool = False) -> bool:
     if address:  # the workers pick their DeepSpeed accelerator themselves (train.worker.WorkerRun)
         ray.init(address=address, log_to_driver=not quiet, logging_level=level)
         return False
-    env = {"env_vars": {"DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu")}} if not cfg.scaling.use_gpu else {}
+    if not cfg.scaling.use_gpu:  # inherited by the Ray this process starts, so no runtime_env is needed: a job
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # runtime env would keep Ray's prestarted workers unused
     need = int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker) + 2
-    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, runtime_env=env or None,
-             logging_level=level, log_to_driver=not quiet)
+    ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, logging_level=level,
+             log_to_driver=not quiet)
     return True
 
 

@@ -12,10 +12,9 @@ pytestmark = pytest.mark.integration
 def ray_local():
     import ray
 
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # inherited by Ray's processes (no runtime_env: see ensure_ray)
     if not ray.is_initialized():
-        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING",
-                 runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 

@@ -82,7 +82,7 @@ def train_fn(config: dict) -> None:
     model, tok = build_model(cfg, init=config.get("init"))
     run.mark("model")
     encoder = Encoder(model, tok, cfg.bottleneck, cfg.data.max_input_tokens)
-    engine = initialize(GRCLObjective(model, cfg), cfg.deepspeed, st)
+    engine = initialize(GRCLObjective(model, cfg), cfg.deepspeed, st, run.world)
     run.mark("deepspeed")
     state = run.resume(engine)
     dev, last_eval = config.get("dev"), {}

@@ -59,7 +59,8 @@ def _train(config: dict, stage: str) -> None:
     if ib and cfg.run.self_check:
         self_check(model, tok, cfg, run.rank)
         run.mark("self_check")
-    engine = initialize(IBGLObjective(model, st.alpha if ib else 0.0, ib, packed=packed), cfg.deepspeed, st)
+    engine = initialize(IBGLObjective(model, st.alpha if ib else 0.0, ib, packed=packed), cfg.deepspeed, st,
+                        run.world)
     run.mark("deepspeed")
     state = run.resume(engine)
     telemetry = run.telemetry(st.max_steps, state)

@@ -1,6 +1,7 @@
 """DeepSpeed config dict, optimizer and schedule for one stage (ZeRO 0-3, bf16 on GPU)."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -9,9 +10,21 @@ import torch
 
 from lbr_ray.config.schema import DeepSpeedConfig, StageConfig
 
+log = logging.getLogger("lbr_ray")
 
-def ds_config(ds: DeepSpeedConfig, stage: StageConfig) -> dict:
-    zero: dict = {"stage": ds.zero_stage}
+
+def zero_stage(ds: DeepSpeedConfig, world: int) -> int:
+    """The ZeRO stage a run uses: `deepspeed.zero_stage`, except stages 1-2 on one worker (fp32, no offload), which
+    would split optimizer states and gradients over a single rank: nothing saved, time lost (docs/performance.md).
+    Stage 0 takes the same update. bf16 keeps the configured stage: at stage 0 it runs through another DeepSpeed
+    optimizer wrapper that lbr has not run."""
+    if world == 1 and ds.zero_stage in (1, 2) and not (ds.offload_optimizer or ds.bf16):
+        return 0
+    return ds.zero_stage
+
+
+def ds_config(ds: DeepSpeedConfig, stage: StageConfig, world: int = 1) -> dict:
+    zero: dict = {"stage": zero_stage(ds, world)}
     if ds.offload_optimizer and ds.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu"}
     return {
@@ -63,15 +76,19 @@ def skip_cpu_shm_op() -> bool:
     return True
 
 
-def initialize(objective: torch.nn.Module, ds: DeepSpeedConfig, stage: StageConfig):
-    """deepspeed.initialize with our optimizer/schedule; DeepSpeed steps and checkpoints both."""
+def initialize(objective: torch.nn.Module, ds: DeepSpeedConfig, stage: StageConfig, world: int = 1):
+    """deepspeed.initialize with our optimizer/schedule for a run of `world` workers; DeepSpeed steps and
+    checkpoints both."""
     use_environment_ninja()
     import deepspeed
 
     skip_cpu_shm_op()
     opt, sched = optimizer_and_schedule(objective, stage)
-    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=opt, lr_scheduler=sched,
-                                           config=ds_config(ds, stage))
+    config = ds_config(ds, stage, world)
+    if config["zero_optimization"]["stage"] != ds.zero_stage:
+        log.info("1 worker: DeepSpeed ZeRO stage 0 instead of %d (nothing to split over one rank; the same update)",
+                 ds.zero_stage)
+    engine, _, _, _ = deepspeed.initialize(model=objective, optimizer=opt, lr_scheduler=sched, config=config)
     return engine
 
 

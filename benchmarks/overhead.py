@@ -115,8 +115,7 @@ def plain_loop(steps: int, log_every: int, t0: float, batches_path: Path, overri
     windows = [sum(times[i: i + log_every]) / log_every for i in range(0, steps, log_every)]
     return {"startup_s": marks, "first_step_s": marks["first_step"], "window_step_time_s": windows,
             "step_time_s": statistics.median(windows[1:]), "steady_step_time_s": steady(windows),
-            "tokens_per_s": tokens / sum(times),
-            "tokens": tokens, "torch_threads": torch.get_num_threads()}
+            "tokens_per_s": tokens / sum(times), "tokens": tokens, "torch_threads": torch.get_num_threads()}
 
 
 def lbr_run(workers: int, steps: int, log_every: int, out: Path, extra: list[str], root: Path = ROOT) -> dict:

@@ -176,16 +176,14 @@ def upload_file(src: str | Path, dest: str) -> None:
         fh.write(Path(src).read_bytes())
 
 
-def download_file(src: str, dest: str | Path) -> bool:
-    """Copy one remote file to a local path; False (and nothing written) when it does not exist."""
+def download_file(src: str, dest: str | Path) -> None:
+    """Copy one remote file to a local path; nothing is written when it does not exist."""
     from pyarrow import fs as pafs
 
     fs, path = filesystem(src)
-    if fs.get_file_info(path).type != pafs.FileType.File:
-        return False
-    with fs.open_input_stream(path) as fh:
-        Path(dest).write_bytes(fh.read())
-    return True
+    if fs.get_file_info(path).type == pafs.FileType.File:
+        with fs.open_input_stream(path) as fh:
+            Path(dest).write_bytes(fh.read())
 
 
 def download_dir(src: str, local: str | Path) -> Path:

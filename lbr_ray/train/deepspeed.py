@@ -23,7 +23,7 @@ def zero_stage(ds: DeepSpeedConfig, world: int) -> int:
     return ds.zero_stage
 
 
-def ds_config(ds: DeepSpeedConfig, stage: StageConfig, world: int = 1) -> dict:
+def ds_config(ds: DeepSpeedConfig, stage: StageConfig, world: int) -> dict:
     zero: dict = {"stage": zero_stage(ds, world)}
     if ds.offload_optimizer and ds.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -76,7 +76,7 @@ def skip_cpu_shm_op() -> bool:
     return True
 
 
-def initialize(objective: torch.nn.Module, ds: DeepSpeedConfig, stage: StageConfig, world: int = 1):
+def initialize(objective: torch.nn.Module, ds: DeepSpeedConfig, stage: StageConfig, world: int):
     """deepspeed.initialize with our optimizer/schedule for a run of `world` workers; DeepSpeed steps and
     checkpoints both."""
     use_environment_ninja()

@@ -46,16 +46,14 @@ VARIANT_RUN = SMALL + ["ib_gl.max_steps=4", "gr_cl.max_steps=4", "gr_cl.log_ever
                       "gr_cl.gen_weight=0.1"]
 
 
-def test_gl_cl_variant_runs(ray_local, tmp_path):
+def test_gl_cl_variant_trains_stage_1_as_a_plain_lm(ray_local, tmp_path):
     from lbr_ray.recipes.pipeline import train
 
     cfg = load_config("configs/demo.yaml", VARIANT_RUN + [f"run.output={tmp_path}", "run.variant=gl-cl"])
-    results = train(cfg, stage="all")
-    assert set(results) == {"ib_gl", "gr_cl"}
+    results = train(cfg, stage="ib-gl")  # its stage 2 is lbr's (the demo run; gen_weight: the cl run below)
     # stage 1 was a plain LM: no target tokens, loss on the input
     assert results["ib_gl"].last["target_loss"] == 0 and results["ib_gl"].last["input_loss"] > 0
-    assert results["gr_cl"].last["step"] == 4
-    assert results["gr_cl"].last["gen_loss"] > 0  # gen_weight > 0: the IB loss on query -> positive is trained too
+    assert results["ib_gl"].last["step"] == 4
 
 
 def test_cl_variant_from_the_cli_to_gs(gcs_server, tmp_path):

@@ -1,4 +1,4 @@
-"""Step metrics (loss, lr, tokens/s, TFLOP/s and MFU, step time), console progress, TensorBoard, collapse monitor
+"""Step metrics (loss, lr, tokens/s, TFLOP/s and MFU, step time, peak GPU memory), console progress, TensorBoard, collapse monitor
 (no Ray)."""
 from __future__ import annotations
 
@@ -78,6 +78,8 @@ class Telemetry:
             metrics["tflops"] = float(vec[-1]) / ranks / elapsed / 1e12
             if self.peak_flops:
                 metrics["mfu"] = metrics["tflops"] * 1e12 / self.peak_flops
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # the most this rank's GPU has held so far
+            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if self.first_step_s is not None:
             metrics["first_step_s"] = self.first_step_s
         if self.marks:

@@ -70,6 +70,17 @@ def test_telemetry_reports_tflops_and_mfu(monkeypatch):
     assert m["mfu"] == pytest.approx(0.5) and m["tokens_per_s"] == pytest.approx(100.0)
 
 
+def test_telemetry_reports_peak_gpu_memory(monkeypatch):
+    tel = Telemetry("ib_gl", 10, rank=1, tb_dir=None)
+    tel.add({"loss": torch.tensor(1.0)}, tokens=1)
+    assert "peak_mem_gib" not in tel.flush(step=1, lr=1e-3, world=1) or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 3 * 2**30)
+    tel.add({"loss": torch.tensor(1.0)}, tokens=1)
+    assert tel.flush(step=2, lr=1e-3, world=1)["peak_mem_gib"] == 3.0
+
+
 def test_device_peak():
     assert device_peak_flops("cpu", override_tflops=2.5) == 2.5e12
     peak = cpu_peak_flops(2)

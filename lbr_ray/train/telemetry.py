@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from lbr_ray.losses.distributed import all_reduce_sum
+
 log = logging.getLogger("lbr_ray")
 
 
@@ -67,7 +69,7 @@ class Telemetry:
                           + [torch.tensor(float(self.tokens), dtype=torch.float64), flops.cpu()])
         ranks = 1
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(vec)  # one sync per log step: sum over ranks
+            vec = all_reduce_sum(vec)  # one sync per log step: sum over ranks
             ranks = dist.get_world_size()
             vec[:-2] /= ranks
         elapsed = time.perf_counter() - self.t_window

@@ -170,7 +170,7 @@ def main() -> None:
             torch.cuda.empty_cache()
             return {**row, "error": "out of memory"}
         tflops = flops[0] / sec / 1e12
-        return {**row, "fwd_bwd_s": round(sec, 4), "tokens_per_s": round(tokens / sec), "tflops": round(tflops, 2),
+        return {**row, "fwd_bwd_s": round(sec, 4), "tokens_per_s": round(tokens / sec), "tflops": round(tflops, 3),
                 "mfu": peak and round(tflops * 1e12 / peak, 4), "peak_mem_mib": mem and round(mem)}
 
     b_ids = models["dense"].bottleneck_ids

@@ -13,11 +13,13 @@
 # client build (9 MiB; lbr starts Ray without the dashboard), RLlib, Serve and ray.llm. faiss-cpu (18 MiB) is left
 # out too: `lbr eval` searches with numpy's exact top-k when FAISS is missing (lbr_ray/eval/index.py).
 #
-#   bash benchmarks/gpu_bundle.sh                 # -> .gpu_bundle/, prints its size
-#   bash benchmarks/gpu_bundle.sh --py 3.11 DIR   # the same slimming of Ray for cp311, installed into DIR (CPU check)
+#   bash benchmarks/gpu_bundle.sh                            # -> .gpu_bundle/, prints its size
+#   PYVER=3.11 bash benchmarks/gpu_bundle.sh /tmp/bundle311  # the same for CPython 3.11: a rehearsal on this
+#                                                            # machine (gpu_suite.sh --cpu-smoke --install)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 PY=${PYTHON:-$ROOT/.venv/bin/python}  # needs pip and the `wheel` package
+PYVER=${PYVER:-3.12}  # the GPU machine's python3
 RAY=ray==2.60.0
 DEEPSPEED=deepspeed==0.19.8
 WHEELS=(pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
@@ -52,19 +54,11 @@ print(f"{dst.name}: kept {len(keep)} of {len(whl.namelist())} files")
 EOF
 }
 
-tmp=$(mktemp -d) && trap 'rm -rf "$tmp"' EXIT
-if [[ ${1:-} == --py ]]; then  # the CPU check: the same slimming of Ray for another CPython (e.g. 3.11), into DIR
-  download "$tmp" "$2" "$RAY"
-  ray_whl=$(basename "$tmp"/ray-*.whl)
-  mkdir "$tmp/slim" && slim_ray "$tmp/$ray_whl" "$tmp/slim/$ray_whl"
-  "$PY" -m pip install -q --no-deps --no-compile --target "$3" "$tmp/slim/$ray_whl"
-  exit 0
-fi
-
 OUT=${1:-$ROOT/.gpu_bundle}
 rm -rf "$OUT" && mkdir -p "$OUT/wheels"
-download "$OUT/wheels" 3.12 "${WHEELS[@]}"
-download "$tmp" 3.12 "$RAY"
+tmp=$(mktemp -d) && trap 'rm -rf "$tmp"' EXIT
+download "$OUT/wheels" "$PYVER" "${WHEELS[@]}"
+download "$tmp" "$PYVER" "$RAY"
 ray_whl=$(basename "$tmp"/ray-*.whl)
 mkdir "$tmp/slim" && slim_ray "$tmp/$ray_whl" "$tmp/slim/$ray_whl"
 xz -T0 -6 -c "$tmp/slim/$ray_whl" >"$OUT/$ray_whl.xz"

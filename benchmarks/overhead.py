@@ -12,7 +12,8 @@ each run records (driver: preflight with the data summary, Ray start; workers: p
 self-check, DeepSpeed init, first batch, first step). `--set` overrides apply to every loop (e.g. a larger model).
 Runs are interleaved (plain, deepspeed, 1 worker, 2 workers, plain, ...) and the load average is recorded next to
 each, because the machine may be shared. On a GPU (`--config` a GPU config, or `--set scaling.use_gpu=true`) the
-in-process loops train on the GPU too, and every run reports its MFU and peak GPU memory.
+in-process loops train on the GPU too, and every run reports its MFU and peak GPU memory. `--lbr-run DIR` takes an
+`lbr train` run already made with the same config, seed and steps as the lbr side (its stream is the one drawn here).
 
     python benchmarks/overhead.py --out benchmarks/results/overhead.json
 """
@@ -137,16 +138,26 @@ def lbr_run(workers: int, steps: int, log_every: int, out: Path, config: Path, e
     wall = time.time() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return {"wall_s": wall, **run_record(out, proc.stdout),
+            "console_lines": len(proc.stdout.splitlines()) + len(proc.stderr.splitlines())}
+
+
+def run_record(out: Path, console: str = "") -> dict:
+    """Step times, tokens/s, MFU, peak memory and start-up milestones of the IB-GL stage of the `lbr train` run in
+    `out`."""
+    import yaml
+
     rows = [json.loads(line) for line in (out / "ib_gl" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "step_time_s" in r]
     summary = json.loads((out / "summary.json").read_text())
     steps_in = [b["step"] - a["step"] for a, b in zip([{"step": 0}] + rows, rows)]
     rank0 = out / "ib_gl" / "logs" / "rank0.log"  # the worker's own output (quiet runs)
     threads = re.search(r"rank 0 of \d+ on node \w+, (\d+) torch threads",
-                        proc.stdout + (rank0.read_text(errors="replace") if rank0.exists() else ""))
+                        console + (rank0.read_text(errors="replace") if rank0.exists() else ""))
     startup = {**{f"driver_{k}": v for k, v in summary.get("startup_driver_s", {}).items()},
                **{k[len("startup_"):-2]: v for k, v in rows[0].items() if k.startswith("startup_")}}
-    return {"workers": workers, "wall_s": wall, "startup_s": startup, "first_step_s": rows[0].get("first_step_s"),
+    workers = yaml.safe_load((out / "ib_gl" / "config.yaml").read_text())["scaling"]["num_workers"]
+    return {"workers": workers, "startup_s": startup, "first_step_s": rows[0].get("first_step_s"),
             "window_step_time_s": [r["step_time_s"] for r in rows],
             "step_time_s": statistics.median(r["step_time_s"] for r in rows[1:]),
             "steady_step_time_s": steady([r["step_time_s"] for r in rows]),
@@ -154,8 +165,7 @@ def lbr_run(workers: int, steps: int, log_every: int, out: Path, config: Path, e
             "mfu": statistics.median(r["mfu"] for r in rows[1:]) if "mfu" in rows[-1] else None,
             "peak_mem_gib": rows[-1].get("peak_mem_gib"),
             "tokens": round(sum(r["tokens_per_s"] * r["step_time_s"] * n for r, n in zip(rows, steps_in))),
-            "torch_threads": int(threads.group(1)) if threads else None,
-            "console_lines": len(proc.stdout.splitlines()) + len(proc.stderr.splitlines())}
+            "torch_threads": int(threads.group(1)) if threads else None}
 
 
 def pythonpath(root: Path) -> str:
@@ -185,6 +195,9 @@ def main() -> None:
                     help="config overrides for every loop (e.g. a larger model: model.name=...)")
     ap.add_argument("--base", default=None, help="another checkout (e.g. before a change): its runs too")
     ap.add_argument("--no-deepspeed", action="store_true", help="skip the in-process DeepSpeed loop")
+    ap.add_argument("--lbr-run", type=Path, default=None,
+                    help="an `lbr train` run of the same config, seed and steps already made (e.g. by the GPU suite): "
+                         "its IB-GL stage is the lbr side, instead of starting runs (--workers, --base unused)")
     ap.add_argument("--child", choices=["batches", "plain", "deepspeed"], help=argparse.SUPPRESS)
     ap.add_argument("--batches", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="benchmarks/results/overhead.json")
@@ -214,8 +227,12 @@ def main() -> None:
         batches = Path(tmp) / "batches.pt"
         data = child("batches", batches)  # the lbr runs' own first batches, in their order
         print(json.dumps({"batches": data}), flush=True)
-        who_all = ["plain"] + ([] if args.no_deepspeed else ["deepspeed"]) + \
-            [f"{who}{w}" for who in ["lbr"] + (["base"] if args.base else []) for w in args.workers.split(",")]
+        who_all = ["plain"] + ([] if args.no_deepspeed else ["deepspeed"]) + ([] if args.lbr_run else
+            [f"{who}{w}" for who in ["lbr"] + (["base"] if args.base else []) for w in args.workers.split(",")])
+        if args.lbr_run:  # the same batches in the same order: the run's stream is the one make_batches drew
+            record = run_record(args.lbr_run.resolve())
+            runs.append({**record, "run": f"lbr{record['workers']}", "repeat": 0, "source": str(args.lbr_run)})
+            print(json.dumps({k: v for k, v in runs[-1].items() if k != "window_step_time_s"}), flush=True)
         for rep in range(args.repeats):
             for who in who_all:
                 before = load()

@@ -14,8 +14,8 @@
 #   eval      lbr eval of that model on the GPU (Ray Data encoder actor)
 #   overhead  the stage's first 30 batches through a plain torch loop and DeepSpeed's engine in one process, against
 #             the train phase's IB-GL stage (Ray Train + Ray Data + DeepSpeed) on the same batches
-#   backends  dense / flex / kv_split x padded / packed rows, tokens/s, MFU, peak memory (model step, no Ray)
 #   fused_ce  lbr's LM head against liger-kernel's fused linear cross-entropy at the 151,936-token vocabulary
+#   backends  dense / flex / kv_split x padded / packed rows, tokens/s, MFU, peak memory (model step, no Ray)
 #
 #   bash benchmarks/gpu_suite.sh                     # on the GPU machine (carry .gpu_bundle)
 #   PYTHON=.venv/bin/python bash benchmarks/gpu_suite.sh --cpu-smoke   # the same phases, tiny, on this CPU
@@ -38,6 +38,9 @@ done
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/lbr-gpu-suite-out}
 WORK=${SUITE_WORK:-/tmp/lbr-gpu-suite}
+if [[ -z ${SUITE_WORK:-} ]] && (($(df -B1G --output=avail /dev/shm 2>/dev/null | tail -1 || echo 0) >= 48)); then
+  WORK=/dev/shm/lbr-gpu-suite  # runs and checkpoints in memory: a stage's checkpoint is 8 GB at 0.5B, written twice
+fi
 BUNDLE=${BUNDLE:-$ROOT/.gpu_bundle}
 SCALE=$((SMOKE == 1 ? 4 : 1))  # the smoke's tiny steps run on 2 shared cores: longer limits
 START=$(date +%s)
@@ -170,15 +173,15 @@ MODEL=$WORK/model
 
 phase train 240 "${LBR[@]}" train --stage all --config configs/gpu-suite.yaml --output "$WORK/run" \
   --set "model.name=$MODEL" "${RUN_SET[@]}" "${TRAIN_SET[@]}"
+rm -rf "$WORK"/run/*/checkpoint_*  # 8 GB each at 0.5B (DeepSpeed's fp32 master weights and Adam moments)
 phase eval 90 "${LBR[@]}" eval --model "$WORK/run" --domains medical,biology --data-root data/demo --num-workers 1 \
   "$GPU" "${EVAL_CAP[@]}" --cache-dir "$WORK/cache" --output "$WORK/eval"
 collect_train
-rm -rf "$WORK"/run/*/checkpoint_*  # 8 GB each at 0.5B (DeepSpeed's fp32 master weights and Adam moments)
 phase overhead 120 "$PY" benchmarks/overhead.py --config configs/gpu-suite.yaml --set "model.name=$MODEL" \
   "${RUN_SET[@]}" --lbr-run "$WORK/run" "${OVERHEAD[@]}" --out "$OUT/overhead.json"
-phase backends 120 "$PY" benchmarks/attention.py --preset "$PRESET" --device "$DEVICE" "${BACKENDS[@]}" \
-  --out "$OUT/backends.json"
 phase fused_ce 45 "$PY" benchmarks/fused_ce.py --device "$DEVICE" "${FUSED[@]}" --out "$OUT/fused_ce.json"
+phase backends 120 "$PY" benchmarks/attention.py --preset "$PRESET" --device "$DEVICE" "${BACKENDS[@]}" \
+  --out "$OUT/backends.json"  # last: it writes every row as it goes, so the deadline cuts only its last rows
 
 # the run's logs, metrics and reports (no weights, checkpoints or caches); without Ray's session logs if too big
 tar_logs() { tar czf "$OUT/logs.tar.gz" -C "$WORK" "$@" --exclude='checkpoint_*' --exclude=model --exclude=cache \

@@ -3,8 +3,9 @@
 # torch, transformers, peft, triton, pyarrow, pandas, numpy, typer, ...; no network), as cp312 manylinux x86_64
 # wheels, in at most ~35 MiB so that it travels next to the tree within the 64 MiB a call may carry:
 #
-#   wheels/*.whl          Ray's and DeepSpeed's missing dependencies, liger-kernel (all at the versions this
-#                         project's CPU venv runs; pure Python but pydantic-core and rpds-py)
+#   wheels/*.whl          Ray's and DeepSpeed's missing dependencies, bm25s (`lbr train` ends with BM25's dev R@10
+#                         next to the model's), liger-kernel (all at the versions this project's CPU venv runs;
+#                         pure Python but pydantic-core and rpds-py)
 #   ray-*.whl.xz          Ray, slimmed (below) and repacked as a valid wheel (RECORD rewritten), stored uncompressed
 #                         and then xz-compressed as a whole (Ray's three ELF binaries compress far better solid)
 #   deepspeed-*.tar.gz    DeepSpeed's sdist, built there with DS_BUILD_OPS=0 against the image's torch
@@ -24,7 +25,7 @@ RAY=ray==2.60.0
 DEEPSPEED=deepspeed==0.19.8
 WHEELS=(pydantic==2.14.4 pydantic_core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5
         typing_extensions==4.16.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0
-        rpds-py==2026.9.1 tensorboardX==2.6.5 hjson==3.1.0 liger-kernel==0.8.5)
+        rpds-py==2026.9.1 tensorboardX==2.6.5 hjson==3.1.0 liger-kernel==0.8.5 bm25s==0.3.16)
 
 download() {  # download DEST PYVER SPEC...: binary wheels for CPython PYVER on manylinux x86_64, no dependencies
   local dest=$1 pyver=$2; shift 2

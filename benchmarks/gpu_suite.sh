@@ -104,7 +104,7 @@ install_bundle() {  # the bundle's wheels, Ray (unxz), DeepSpeed (built here) an
   local pip=("$PY" -m pip install -q --no-index --no-deps --no-cache-dir --upgrade --target "$site")
   "${pip[@]}" --no-compile "$BUNDLE"/wheels/*.whl "$WORK"/wheels/ray-*.whl || return
   DS_BUILD_OPS=0 "${pip[@]}" --no-build-isolation "$BUNDLE"/deepspeed-*.tar.gz || return
-  "${pip[@]}" --no-build-isolation "$ROOT" || return
+  "${pip[@]}" --no-build-isolation "$ROOT"  # the `lbr` command; without it the suite runs `python -m cli.main`
   rm -rf "$ROOT/build"
 }
 
@@ -167,7 +167,7 @@ if [[ $INSTALL == 1 ]]; then
 fi
 record_env
 LBR=("$PY" -m cli.main)
-[[ $INSTALL == 1 ]] && LBR=(lbr)
+[[ $INSTALL == 1 ]] && command -v lbr >/dev/null && LBR=(lbr)
 MODEL=$WORK/model
 "$PY" benchmarks/attention.py --preset "$PRESET" --save-model "$MODEL"
 

@@ -82,7 +82,7 @@ phase() {  # phase NAME LIMIT_S CMD...: run CMD under `timeout` (cut to the suit
     printf '{"phase": "%s", "skipped": "suite budget spent"}\n' "$name" >>"$OUT/timings.jsonl"
     return 1
   fi
-  echo "=== $name: start $(date -u +%T), limit ${limit}s"
+  echo "=== $name: start $(date -u +%T), limit ${limit}s: $*"
   t0=$(date +%s%N)
   timeout --kill-after=10 "$limit" "$@"
   rc=$?

@@ -96,7 +96,7 @@ phase() {  # phase NAME LIMIT_S CMD...: run CMD under `timeout` (cut to the suit
   return "$rc"
 }
 
-install_bundle() {  # the bundle's wheels, Ray (unxz), DeepSpeed (built here) and lbr into $SITE, no network
+install_bundle() {  # the bundle's wheels, Ray (unxz), DeepSpeed (built here) and lbr into $WORK/site, offline
   local site=$WORK/site
   mkdir -p "$WORK/wheels"
   "$PY" -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], "wb"))' \
@@ -190,5 +190,27 @@ tar_logs --dereference
 (($(stat -c %s "$OUT/logs.tar.gz") > 15000000)) && tar_logs
 echo "suite done in $(($(date +%s) - START)) s; files in $OUT:"
 ls -l "$OUT"
+"$PY" - "$OUT" <<'EOF'  # the headline numbers last (the call's reply carries the end of the output)
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def load(name):
+    try:
+        return json.loads((out / name).read_text())
+    except (OSError, ValueError):
+        return {}
+for line in (out / "timings.jsonl").read_text().splitlines():
+    print(line)
+for stage in ("ib_gl", "gr_cl"):
+    rows = [r for r in load("train.json").get(f"{stage}_metrics") or [] if "loss" in r]
+    if rows:
+        print(stage, {k: round(v, 4) for k, v in rows[-1].items() if k in ("tokens_per_s", "mfu", "peak_mem_gib")})
+o = load("overhead.json")
+print("step time vs plain loop:", o.get("step_time_ratio_vs_plain"))
+for r in load("fused_ce.json").get("rows", []):
+    print("fused_ce", {k: r.get(k) for k in ("method", "rows", "fwd_bwd_ms", "peak_extra_mib", "error")})
+for r in load("backends.json").get("rows", []) + load("backends.json").get("packing", []):
+    print("backends", {k: r.get(k) for k in ("backend", "layout", "seq_len", "tokens_per_s", "mfu", "error")})
+EOF
 exec >&- 2>&-
 wait "$TEE"

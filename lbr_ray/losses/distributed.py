@@ -1,4 +1,5 @@
-"""Gradient-preserving all-gather for in-batch negatives across workers (no Ray; torch.distributed only)."""
+"""torch.distributed helpers (no Ray): the gradient-preserving all-gather of in-batch negatives across workers, and
+sums over ranks on the device the process group's backend needs."""
 from __future__ import annotations
 
 import torch
@@ -29,6 +30,21 @@ def all_gather_nograd(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+def collective_device() -> torch.device:
+    """Where tensors must be for the default group's collectives: this process's GPU under NCCL (Ray Train's
+    backend with GPUs; NCCL refuses CPU tensors), else the CPU (gloo)."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """`x` summed over all ranks, returned on `x`'s device (reduced on collective_device())."""
+    y = x.to(collective_device())
+    dist.all_reduce(y)
+    return y.to(x.device)
 
 
 def rank_and_world() -> tuple[int, int]:

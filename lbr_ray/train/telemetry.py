@@ -1,4 +1,4 @@
-"""Step metrics (loss, lr, tokens/s, TFLOP/s and MFU, step time), console progress, TensorBoard, collapse monitor
+"""Step metrics (loss, lr, tokens/s, TFLOP/s and MFU, step time, peak GPU memory), console progress, TensorBoard, collapse monitor
 (no Ray)."""
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from lbr_ray.losses.distributed import all_reduce_sum
 
 log = logging.getLogger("lbr_ray")
 
@@ -67,7 +69,7 @@ class Telemetry:
                           + [torch.tensor(float(self.tokens), dtype=torch.float64), flops.cpu()])
         ranks = 1
         if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(vec)  # one sync per log step: sum over ranks
+            vec = all_reduce_sum(vec)  # one sync per log step: sum over ranks
             ranks = dist.get_world_size()
             vec[:-2] /= ranks
         elapsed = time.perf_counter() - self.t_window
@@ -78,6 +80,8 @@ class Telemetry:
             metrics["tflops"] = float(vec[-1]) / ranks / elapsed / 1e12
             if self.peak_flops:
                 metrics["mfu"] = metrics["tflops"] * 1e12 / self.peak_flops
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # the most this rank's GPU has held so far
+            metrics["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if self.first_step_s is not None:
             metrics["first_step_s"] = self.first_step_s
         if self.marks:

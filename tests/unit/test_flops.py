@@ -6,8 +6,10 @@ import types
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from lbr_ray.layout import B, PAD, SINK, X, Y
+from lbr_ray.losses.distributed import collective_device
 from lbr_ray.model.masks import visibility
 from lbr_ray.train.flops import FlopCounter, attention_pairs, cpu_peak_flops, device_peak_flops
 from lbr_ray.train.telemetry import Telemetry
@@ -68,6 +70,38 @@ def test_telemetry_reports_tflops_and_mfu(monkeypatch):
     m = tel.flush(step=2, lr=1e-3, world=1)
     assert m["tflops"] == pytest.approx(2.0)  # 4e12 FLOPs in 2 s
     assert m["mfu"] == pytest.approx(0.5) and m["tokens_per_s"] == pytest.approx(100.0)
+
+
+def test_collectives_run_on_the_gpu_under_nccl(monkeypatch):
+    """Ray Train's GPU workers join an NCCL group, which refuses CPU tensors: the telemetry's sum over ranks must
+    reduce on the worker's GPU (it reduced a CPU tensor, which fails under NCCL)."""
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert collective_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(dist, "get_backend", lambda *a: "gloo")
+    assert collective_device() == torch.device("cpu")
+
+
+def test_telemetry_sums_over_ranks_in_a_process_group(tmp_path):
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        tel = Telemetry("ib_gl", 10, rank=0, tb_dir=None, bar=False)
+        tel.add({"loss": torch.tensor(2.0), "flops": torch.tensor(1e12, dtype=torch.float64)}, tokens=10)
+        m = tel.flush(step=1, lr=1e-3, world=1)
+        assert m["loss"] == 2.0 and m["tflops"] > 0
+    finally:
+        dist.destroy_process_group()
+
+
+def test_telemetry_reports_peak_gpu_memory(monkeypatch):
+    tel = Telemetry("ib_gl", 10, rank=1, tb_dir=None)
+    tel.add({"loss": torch.tensor(1.0)}, tokens=1)
+    assert "peak_mem_gib" not in tel.flush(step=1, lr=1e-3, world=1) or torch.cuda.is_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 3 * 2**30)
+    tel.add({"loss": torch.tensor(1.0)}, tokens=1)
+    assert tel.flush(step=2, lr=1e-3, world=1)["peak_mem_gib"] == 3.0
 
 
 def test_device_peak():

@@ -1,5 +1,5 @@
-"""Step metrics (loss, lr, tokens/s, TFLOP/s and MFU, step time, peak GPU memory), console progress, TensorBoard, collapse monitor
-(no Ray)."""
+"""Step metrics (loss, lr, tokens/s, TFLOP/s and MFU, step time, peak GPU memory), console progress, TensorBoard,
+collapse monitor (no Ray)."""
 from __future__ import annotations
 
 import logging

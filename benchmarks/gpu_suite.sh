@@ -9,7 +9,7 @@
 #
 # Phases, each under its own time limit (cut to what is left of the budget) and writing its file when it ends:
 #   install   .gpu_bundle (benchmarks/gpu_bundle.sh) and lbr itself into a pip --target folder on PYTHONPATH
-#   train     lbr train --stage all, configs/gpu-suite.yaml: Qwen2.5-0.5B's shape from random weights, bf16,
+#   train     lbr train --stage all, benchmarks/gpu_suite.yaml: Qwen2.5-0.5B's shape from random weights, bf16,
 #             FlexAttention, packed 2,048-token rows, the run-start self-check, 1 GPU, Ray Train + DeepSpeed ZeRO-2
 #   eval      lbr eval of that model on the GPU (Ray Data encoder actor)
 #   overhead  the stage's first 30 batches through a plain torch loop and DeepSpeed's engine in one process, against
@@ -69,7 +69,7 @@ else
   EVAL_CAP=(--max-queries 200 --max-corpus 1000)
   BACKENDS=(--lengths 1024,512 --batch 8 --repeats 5)
   FUSED=(--rows 4096,16384 --repeats 5)
-  OVERHEAD=(--steps 30 --log-every 5)  # = configs/gpu-suite.yaml's ib_gl.max_steps and log_every
+  OVERHEAD=(--steps 30 --log-every 5)  # = benchmarks/gpu_suite.yaml's ib_gl.max_steps and log_every
 fi
 
 phase() {  # phase NAME LIMIT_S CMD...: run CMD under `timeout` (cut to the suite's deadline), log to timings.jsonl
@@ -171,13 +171,13 @@ LBR=("$PY" -m cli.main)
 MODEL=$WORK/model
 "$PY" benchmarks/attention.py --preset "$PRESET" --save-model "$MODEL"
 
-phase train 240 "${LBR[@]}" train --stage all --config configs/gpu-suite.yaml --output "$WORK/run" \
+phase train 240 "${LBR[@]}" train --stage all --config benchmarks/gpu_suite.yaml --output "$WORK/run" \
   --set "model.name=$MODEL" "${RUN_SET[@]}" "${TRAIN_SET[@]}"
 rm -rf "$WORK"/run/*/checkpoint_*  # 8 GB each at 0.5B (DeepSpeed's fp32 master weights and Adam moments)
 phase eval 90 "${LBR[@]}" eval --model "$WORK/run" --domains medical,biology --data-root data/demo --num-workers 1 \
   "$GPU" "${EVAL_CAP[@]}" --cache-dir "$WORK/cache" --output "$WORK/eval"
 collect_train
-phase overhead 120 "$PY" benchmarks/overhead.py --config configs/gpu-suite.yaml --set "model.name=$MODEL" \
+phase overhead 120 "$PY" benchmarks/overhead.py --config benchmarks/gpu_suite.yaml --set "model.name=$MODEL" \
   "${RUN_SET[@]}" --lbr-run "$WORK/run" "${OVERHEAD[@]}" --out "$OUT/overhead.json"
 phase fused_ce 45 "$PY" benchmarks/fused_ce.py --device "$DEVICE" "${FUSED[@]}" --out "$OUT/fused_ce.json"
 phase backends 120 "$PY" benchmarks/attention.py --preset "$PRESET" --device "$DEVICE" "${BACKENDS[@]}" \

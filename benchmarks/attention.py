@@ -53,7 +53,8 @@ def save_model(preset: dict, path: str) -> None:
     from transformers import AutoTokenizer
 
     qwen_config(preset).save_pretrained(path)
-    AutoTokenizer.from_pretrained(str(Path(__file__).resolve().parents[1] / "lbr_ray/assets/tiny-llama")).save_pretrained(path)
+    tokenizer = Path(__file__).resolve().parents[1] / "lbr_ray" / "assets" / "tiny-llama"
+    AutoTokenizer.from_pretrained(str(tokenizer)).save_pretrained(path)
 
 
 def make_model(preset: dict, backend: str, device, dtype):
@@ -132,9 +133,9 @@ def main() -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backends = ["dense", "kv_split"] + (["flex"] if device.type == "cuda" else [])
     peak = device_peak_flops(device, dtype)
-    results = {"preset": args.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
-               "torch": torch.__version__, "dtype": str(dtype), "k": 4, "batch": batch, "peak_tflops": peak and peak / 1e12,
-               "rows": [], "packing": []}
+    name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor()
+    results = {"preset": args.preset, "device": name, "torch": torch.__version__, "dtype": str(dtype), "k": 4,
+               "batch": batch, "peak_tflops": peak and peak / 1e12, "rows": [], "packing": []}
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
 

@@ -134,7 +134,8 @@ def lbr_run(workers: int, steps: int, log_every: int, out: Path, config: Path, e
            "--num-workers", str(workers), "--output", str(out), "--set", f"ib_gl.max_steps={steps}",
            "--set", f"ib_gl.log_every={log_every}", "--set", f"ib_gl.checkpoint_every={10 * steps}", *extra]
     start = time.time()
-    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": pythonpath(root)})
+    proc = subprocess.run(cmd, cwd=root, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": pythonpath(root)})
     wall = time.time() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -215,8 +216,9 @@ def main() -> None:
 
     def child(kind: str, batches: Path) -> dict:
         t0 = time.time()
-        proc = subprocess.run([sys.executable, __file__, "--child", kind, "--config", str(config), "--steps", str(args.steps),
-                               "--log-every", str(args.log_every), "--batches", str(batches), *extra],
+        proc = subprocess.run([sys.executable, __file__, "--child", kind, "--config", str(config),
+                               "--steps", str(args.steps), "--log-every", str(args.log_every),
+                               "--batches", str(batches), *extra],
                               capture_output=True, text=True, cwd=ROOT,
                               env={**os.environ, "OVERHEAD_T0": str(t0), "PYTHONPATH": pythonpath(ROOT)})
         if proc.returncode != 0:
@@ -251,8 +253,7 @@ def main() -> None:
         return {who: statistics.median(r[key] for r in runs if r["run"] == who) / plain
                 for who in dict.fromkeys(r["run"] for r in runs if r["run"] != "plain")}
     doc = {"machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "config": str(config), "steps": args.steps,
-           "base": args.base,
-           "log_every": args.log_every, "overrides": args.set, "batches": data,
+           "base": args.base, "log_every": args.log_every, "overrides": args.set, "batches": data,
            "step_time_ratio_vs_plain": ratios("steady_step_time_s"),
            "step_time_ratio_vs_plain_after_first_window": ratios("step_time_s"), "runs": runs}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 from lbr_ray.layout import B, PAD, SINK, X, Y
-from lbr_ray.losses.distributed import collective_device
+from lbr_ray.losses.distributed import all_reduce_sum, collective_device
 from lbr_ray.model.masks import visibility
 from lbr_ray.train.flops import FlopCounter, attention_pairs, cpu_peak_flops, device_peak_flops
 from lbr_ray.train.telemetry import Telemetry
@@ -82,13 +82,19 @@ def test_collectives_run_on_the_gpu_under_nccl(monkeypatch):
     assert collective_device() == torch.device("cpu")
 
 
-def test_telemetry_sums_over_ranks_in_a_process_group(tmp_path):
+def test_telemetry_sums_over_ranks_in_a_process_group(tmp_path, monkeypatch):
+    """The sum over ranks goes through all_reduce_sum (the reduction on collective_device()), not a bare
+    dist.all_reduce of the CPU tensor."""
+    from lbr_ray.train import telemetry
+
+    reduced = []
+    monkeypatch.setattr(telemetry, "all_reduce_sum", lambda x: reduced.append(x) or all_reduce_sum(x))
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
         tel = Telemetry("ib_gl", 10, rank=0, tb_dir=None, bar=False)
         tel.add({"loss": torch.tensor(2.0), "flops": torch.tensor(1e12, dtype=torch.float64)}, tokens=10)
         m = tel.flush(step=1, lr=1e-3, world=1)
-        assert m["loss"] == 2.0 and m["tflops"] > 0
+        assert m["loss"] == 2.0 and m["tflops"] > 0 and len(reduced) == 1
     finally:
         dist.destroy_process_group()
 

@@ -30,6 +30,8 @@ def ensure_ray(cfg: LbrConfig, address: str | None = None, quiet: bool = False) 
     global _EMBEDDED
     if not ray.is_initialized():
         _EMBEDDED = _init_ray(cfg, address, quiet)
+        if _EMBEDDED:
+            start_ray_data_actors()
         if quiet:
             from lbr_ray.train import console
 
@@ -58,6 +60,22 @@ def _init_ray(cfg: LbrConfig, address: str | None, quiet: bool = False) -> bool:
     ray.init(num_cpus=max(os.cpu_count() or 1, need), include_dashboard=False, logging_level=level,
              log_to_driver=not quiet)
     return True
+
+
+def start_ray_data_actors() -> list:
+    """Create Ray Data's two cluster-wide actors (its autoscaling coordinator and its stats actor) from the driver
+    of a Ray it has just started, without waiting for them. From here they take two of the worker processes Ray
+    prestarts for the job; the Train controller, whose runtime env differs from the job's, would start a new process
+    for each while the stage waits (docs/performance.md). Both are get-if-exists singletons, so Ray Data and Ray Train
+    find and use these. Returns their handles (none on a Ray release without these functions)."""
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator,
+        )
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError:
+        return []
+    return [get_or_create_autoscaling_coordinator(), get_or_create_stats_actor()]
 
 
 def worker_threads(cfg: LbrConfig, embedded: bool | None = None) -> int | None:

@@ -63,11 +63,12 @@ def _init_ray(cfg: LbrConfig, address: str | None, quiet: bool = False) -> bool:
 
 
 def start_ray_data_actors() -> list:
-    """Create Ray Data's two cluster-wide actors (its autoscaling coordinator and its stats actor) from the driver
-    of a Ray it has just started, without waiting for them. From here they take two of the worker processes Ray
-    prestarts for the job; the Train controller, whose runtime env differs from the job's, would start a new process
-    for each while the stage waits (docs/performance.md). Both are get-if-exists singletons, so Ray Data and Ray Train
-    find and use these. Returns their handles (none on a Ray release without these functions)."""
+    """Create Ray Data's two cluster-wide actors (its autoscaling coordinator and its stats actor) from the driver,
+    right after it started its own Ray, without waiting for them. Created here they take two of the worker
+    processes Ray prestarts for the job; created by the Train controller, whose runtime env differs from the job's,
+    each would be a new process started while the stage waits (docs/performance.md). Both are get-if-exists
+    singletons, so Ray Data and Ray Train find and use these. Returns their handles (none on a Ray release without
+    these functions)."""
     try:
         from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
             get_or_create_autoscaling_coordinator,

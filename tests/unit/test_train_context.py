@@ -52,3 +52,20 @@ def test_embedded_ray_is_started_with_room_for_ray_data(monkeypatch):
     assert calls[0]["include_dashboard"] is False
     assert launcher._init_ray(cfg, "127.0.0.1:6379") is False and calls[1] == {
         "address": "127.0.0.1:6379", "log_to_driver": True, "logging_level": calls[1]["logging_level"]}
+
+
+def test_ray_train_collects_reports_every_half_second_unless_the_user_chose(monkeypatch):
+    """Issue 11: a Train worker holds one uncollected report at a time and Ray Train's controller collected them every
+    2 s, so a stage logging more often trained at the pace of the polls. lbr sets the interval in the driver, where
+    Ray Train reads what it passes on to its controller; a value the user set is kept."""
+    from ray.train.v2._internal.constants import get_env_vars_to_propagate
+
+    from lbr_ray.train.launcher import collect_reports_often
+
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "")  # records the original state, restored after
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+    collect_reports_often()
+    assert get_env_vars_to_propagate()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    collect_reports_often()
+    assert get_env_vars_to_propagate()["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3"

@@ -112,6 +112,8 @@ def validate(cfg: LbrConfig) -> list[str]:
             problems.append(f"{stage}.lr must be > 0, got {s.lr}")
     if cfg.gr_cl.temperature <= 0:
         problems.append(f"gr_cl.temperature must be > 0, got {cfg.gr_cl.temperature}")
+    if cfg.gr_cl.length_groups < 0:
+        problems.append(f"gr_cl.length_groups must be >= 0 (0 = off), got {cfg.gr_cl.length_groups}")
     if cfg.model.attn_backend == "flex" and not cfg.scaling.use_gpu:
         problems.append("model.attn_backend=flex trains only on GPU (FlexAttention has no CPU backward); "
                         "use dense or kv_split on CPU")

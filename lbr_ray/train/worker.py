@@ -146,25 +146,23 @@ class WorkerRun:
 
     def resume(self, engine) -> LoopState:
         """Continue from Ray's latest checkpoint (a --resume or an automatic restart after a lost worker), or
-        from the newest complete one before it when its files were truncated or partly deleted."""
+        from the newest complete one before it when its files were truncated, partly deleted or damaged."""
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return LoopState()
-        chosen, skipped = manifest.newest_complete(checkpoint.filesystem, checkpoint.path)
-        if chosen is None:
-            raise CheckpointError(f"no complete checkpoint next to {checkpoint.path}: {'; '.join(skipped)}; "
-                                  "start a new run in another --output")
-        if chosen != checkpoint.path:
-            checkpoint = ray.train.Checkpoint(chosen, filesystem=checkpoint.filesystem)
-        for line in skipped if self.rank == 0 else []:
-            print(f"[lbr] {self.stage}: {line}: resuming from {Path(chosen).name}", flush=True)
-        with checkpoint.as_directory() as d:
-            bad = manifest.hash_problem(Path(d))
-            if bad:
-                raise CheckpointError(f"{checkpoint.path}: {bad}; remove that checkpoint folder to resume from "
-                                      "the one before it")
-            state = ckpt.load(engine, Path(d), self.rank)
+        fs = checkpoint.filesystem
+
+        def local_copy(folder: str):
+            return ray.train.Checkpoint(folder, filesystem=fs).as_directory()
+
+        with manifest.newest_complete(fs, checkpoint.path, local_copy) as (chosen, local, skipped):
+            if chosen is None:
+                raise CheckpointError(f"no complete checkpoint next to {checkpoint.path}: {'; '.join(skipped)}; "
+                                      "start a new run in another --output")
+            for line in skipped if self.rank == 0 else []:
+                print(f"[lbr] {self.stage}: {line}: resuming from {Path(chosen).name}", flush=True)
+            state = ckpt.load(engine, local, self.rank)
         ray.train.report({"resumed_at_step": state.step, "resumed_time": time.time()})  # marks the restart
         if self.rank == 0:
-            log.info("%s: resumed from %s at step %d", self.stage, checkpoint.path, state.step)
+            log.info("%s: resumed from %s at step %d", self.stage, chosen, state.step)
         return state

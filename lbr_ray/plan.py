@@ -147,7 +147,9 @@ def stage_rows(cfg: LbrConfig, stage: str) -> tuple[int, int, int]:
 
 def plan_stage(cfg: LbrConfig, s: Shape, stage: str, workers: int, gpu_bytes: float | None = None,
                with_advice: bool = True) -> Plan:
-    low = cfg.model.dtype in ("bfloat16", "float16") or cfg.deepspeed.bf16
+    from lbr_ray.config.load import compute_dtype
+
+    low = compute_dtype(cfg) != "float32"
     width = 2 if low else 4
     ds = cfg.deepspeed
     parts = model_state_bytes(s, width, low, ds.zero_stage, workers, ds.offload_optimizer)

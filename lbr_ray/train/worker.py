@@ -124,10 +124,11 @@ class WorkerRun:
 
     def telemetry(self, max_steps: int, state: LoopState) -> Telemetry:
         tb = self.stage_dir / "tensorboard" if self.cfg.run.tensorboard else None
+        from lbr_ray.config.load import compute_dtype
         from lbr_ray.model.bottleneck import DTYPES
         from lbr_ray.train.flops import device_peak_flops
 
-        peak = device_peak_flops(None, DTYPES[self.cfg.model.dtype], self.cfg.scaling.peak_tflops)
+        peak = device_peak_flops(None, DTYPES[compute_dtype(self.cfg)], self.cfg.scaling.peak_tflops)
         kwargs = {"bar": not self.quiet, "peak_flops": peak, "marks": self.marks}
         if self.stage_uri:  # rank 0 may sit on another node than the driver: it uploads its own event files
             return UploadedTelemetry(self.stage, max_steps, self.rank, tb, state.step, self.t0,

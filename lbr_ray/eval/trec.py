@@ -3,8 +3,9 @@
     run file:   <qid> Q0 <docid> <rank> <score> <tag>     (one line per retrieved passage, best first)
     qrels file: <qid> 0 <docid> 1                         (one line per relevant passage)
 
-Query ids are `q` + the first 12 hex digits of sha1(query text), document ids the eval set's ids (corpus ids, or
-`pos:<hash>` for test positives), with whitespace replaced, so the same eval set gives the same ids in every run.
+Query ids are `q` + the first 12 hex digits of sha1(query text), document ids the eval set's ids, one per passage
+(corpus ids, with whitespace replaced and `~<text hash>` added to an id several passages share, or `pos:<hash>` for
+test positives: lbr_ray.eval.sets.unique_ids), so the same eval set gives the same ids in every run.
 `paired_significance` compares two systems per query (ranx scores each query, seeds are averaged per query, and
 `paired_test` tests the per-query differences).
 """
@@ -36,18 +37,24 @@ def write_qrels(eset, path: str | Path) -> Path:
 
 
 def write_run(eset, top: np.ndarray, scores: np.ndarray, path: str | Path, tag: str) -> Path:
-    """Ranked lists (`top` [Q, k] corpus rows, `scores` [Q, k], best first; -1 = empty slot) as a TREC run file."""
+    """Ranked lists (`top` [Q, k] corpus rows, `scores` [Q, k], best first; -1 = empty slot) as a TREC run file.
+    Scores are written to 6 decimals, each strictly below the one above it (a tie, e.g. BM25's zero scores, 1e-6
+    lower): ranx and trec_eval rank by score, so they read the ranking that was scored."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tag = doc_id(tag)
     lines = []
     for q, rows, vals in zip(eset.queries, np.asarray(top), np.asarray(scores)):
         qid = query_id(q)
-        rank = 0
+        rank, above = 0, None
         for row, score in zip(rows, vals):
             if row >= 0:
                 rank += 1
-                lines.append(f"{qid} Q0 {doc_id(eset.doc_ids[int(row)])} {rank} {float(score):.6f} {tag}")
+                value = round(float(score), 6)
+                if above is not None and value >= above:  # a tie: just below, so sorting by score keeps the ranks
+                    value = round(above - 1e-6, 6)
+                above = value
+                lines.append(f"{qid} Q0 {doc_id(eset.doc_ids[int(row)])} {rank} {value:.6f} {tag}")
     _write(path, lines)
     return path
 

@@ -194,3 +194,30 @@ def test_trec_files_round_trip_and_read_with_ranx(tmp_path):
                                                                                 "doc_a": 0.1}}  # -1 slot skipped
     assert len(Run.from_file(str(tmp_path / "r.trec"), kind="trec")) == 2
     assert len(Qrels.from_file(str(tmp_path / "q.trec"), kind="trec")) == 2
+
+
+def test_a_run_read_back_scores_what_the_evaluator_scored(tmp_path):
+    """Issue 21.8: TREC doc ids were the corpus ids as they are, and the demo medical corpus gives one id to
+    different passages, so a run read back lost ranked entries and ranx scored it differently from the evaluator.
+    BM25 on the whole medical test set, written and read back, scored by ranx: the evaluator's figures exactly."""
+    from ranx import Qrels, Run, evaluate
+
+    from lbr_ray.eval.baselines import BM25Retriever
+    from lbr_ray.eval.evaluator import EvalOptions, RetrievalEvaluator
+    from lbr_ray.eval.metrics import DEFAULT_METRICS, per_query_metrics
+    from lbr_ray.eval.trec import read_qrels, read_run, write_qrels, write_run
+
+    ev = RetrievalEvaluator(EvalOptions(domains=("medical",), data_root="data/demo", num_workers=0),
+                            keep_ranking=True, log=lambda msg: None)
+    res = ev.evaluate(BM25Retriever(), "bm25")["domains"]["medical"]
+    eset = ev.eval_set("medical")
+    assert len(set(eset.doc_ids)) == len(eset.doc_ids)  # one id per passage
+    write_run(eset, res["top"], res["scores"], tmp_path / "run.trec", "bm25")
+    write_qrels(eset, tmp_path / "qrels.trec")
+    run = read_run(tmp_path / "run.trec")
+    assert sum(map(len, run.values())) == int((res["top"] >= 0).sum())  # no ranked entry lost
+    metrics = (*DEFAULT_METRICS, "mrr@100", "ndcg@100")  # deep metrics see every lost entry
+    scores = evaluate(Qrels(read_qrels(tmp_path / "qrels.trec")), Run(run), list(metrics))
+    mine = {m: float(v.mean()) for m, v in per_query_metrics(res["top"], eset.qrels, metrics).items()}
+    assert {m: mine[m] for m in DEFAULT_METRICS} == {m: res["rows"][0][m] for m in DEFAULT_METRICS}
+    assert scores == pytest.approx(mine, abs=1e-9)

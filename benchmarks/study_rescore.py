@@ -5,7 +5,8 @@ The studies' first p-values stacked the seeds, so every (seed, query) counted as
 study's committed results JSON next to its cells as results.json, runs `lbr study --output DIR --rescore` (each
 query's R@10 averaged over the seeds both variants ran, then the paired test over queries), copies the new
 results.{json,md} back over `benchmarks/results/study_general_<name>.*` and writes the old p-values (from git,
-commit BEFORE) and the new ones side by side to `benchmarks/results/study_rescore.md`. Deterministic (seeded resampling); needs no training, GPU or Ray.
+commit BEFORE) and the new ones side by side to `benchmarks/results/study_rescore.md`. Deterministic (seeded
+resampling); needs no training, GPU or Ray.
 
     python benchmarks/study_rescore.py
 """
@@ -52,11 +53,10 @@ def main() -> None:
     (RES / "study_rescore.md").write_text("\n".join([
         "# The general-base studies' p-values, recomputed (issue 21)", "",
         f"`{COMMAND}` (from the committed per-query runs, `study_general_runs_top10.tar.gz`). Before (commit "
-        f"{BEFORE}): ranx's "
-        "Fisher randomization test (1,000 permutations; its p varies from call to call despite its seed) over "
-        "(seed, query) pairs, so n = seeds x queries. After: each query's R@10 averaged over the seeds both variants ran, then Fisher's "
-        "randomization test over the queries (scipy.stats.permutation_test, 9,999 paired resamples, seeded). "
-        "lbr minus each variant; significant at p <= 0.05.", "",
+        f"{BEFORE}): ranx's Fisher randomization test (1,000 permutations; its p varies from call to call despite its "
+        "seed) over (seed, query) pairs, so n = seeds x queries. After: each query's R@10 averaged over the seeds both "
+        "variants ran, then Fisher's randomization test over the queries (scipy.stats.permutation_test, 9,999 paired "
+        "resamples, seeded). lbr minus each variant; significant at p <= 0.05.", "",
         "| study | domain | lbr minus | seeds | mean diff | n before | p before | n after | p after | significant |",
         "|---|---|---|---|---|---|---|---|---|---|", *rows, ""]))
     print(f"wrote {RES / 'study_rescore.md'}")

@@ -28,10 +28,12 @@ def minilm_ref(max_length: int | None = None) -> EncoderRef:
 
 
 def base_ref(model: str | Path, from_scratch: bool = False, seed: int = 0, max_length: int = 256) -> EncoderRef:
-    path = Path(model)
+    from lbr_ray.model.gguf import cached_folder, is_gguf
+
+    path = cached_folder(model, "--model") if is_gguf(model) else Path(model)
     if not (path / "config.json").is_file():
-        raise LbrError(f"--baseline base needs --model pointing to an HF causal LM folder with config.json; "
-                       f"got {model}")
+        raise LbrError(f"--baseline base needs --model pointing to an HF causal LM folder with config.json or "
+                       f"a .gguf file; got {model}")
     return EncoderRef("base", str(path), (("from_scratch", from_scratch), ("max_length", max_length), ("seed", seed)))
 
 

@@ -27,8 +27,9 @@ GROUP_ORDER = ("all", "hard", "moderate", "easy")
 
 
 def default_cache_dir() -> str:
-    base = os.environ.get("LBR_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "lbr-ray")
-    return os.path.join(os.path.expanduser(base), "embeddings")
+    from lbr_ray.storage import cache_root
+
+    return str(cache_root() / "embeddings")
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,14 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 def resolve_model_path(name: str) -> str:
     """A local folder (as given, or relative to the lbr-ray checkout, e.g. lbr_ray/assets/tiny-llama), a local copy
-    of an s3:// / gs:// folder, or a hub id."""
+    of an s3:// / gs:// folder, the converted folder of a .gguf file (lbr_ray.model.gguf), or a hub id."""
+    from lbr_ray.model.gguf import cached_folder, is_gguf
     from lbr_ray.storage import is_remote, local_copy
 
     if is_remote(name):
         return local_copy(name)
+    if is_gguf(name):
+        return str(cached_folder(name))
     for candidate in (Path(name).expanduser(), PACKAGE_ROOT / name):
         if candidate.is_dir():
             return str(candidate)

@@ -155,6 +155,12 @@ def pack_length(cfg: LbrConfig) -> int | None:
                                                     cfg.bottleneck.k_max)
 
 
+def compute_dtype(cfg: LbrConfig) -> str:
+    """The dtype training computes in: bfloat16 under `deepspeed.bf16` (DeepSpeed casts the model, whatever
+    `model.dtype`), else `model.dtype`. MFU's peak and `lbr plan`'s bytes per weight follow it."""
+    return "bfloat16" if cfg.deepspeed.bf16 else cfg.model.dtype
+
+
 def _validate_tune(cfg: LbrConfig) -> list[str]:
     t, problems = cfg.tune, []
     for key, allowed in (("search", ("grid", "random", "optuna")), ("metric", ("dev_recall@10", "dev_ndcg@10"))):

@@ -143,10 +143,11 @@ class WorkerRun:
 
     def telemetry(self, max_steps: int, state: LoopState) -> Telemetry:
         tb = self.stage_dir / "tensorboard" if self.cfg.run.tensorboard else None
+        from lbr_ray.config.load import compute_dtype
         from lbr_ray.model.bottleneck import DTYPES
         from lbr_ray.train.flops import device_peak_flops
 
-        peak = device_peak_flops(None, DTYPES[self.cfg.model.dtype], self.cfg.scaling.peak_tflops)
+        peak = device_peak_flops(None, DTYPES[compute_dtype(self.cfg)], self.cfg.scaling.peak_tflops)
         kwargs = {"bar": not self.quiet, "peak_flops": peak, "marks": self.marks}
         if self.stage_uri:  # rank 0 may sit on another node than the driver: it uploads its own event files
             return UploadedTelemetry(self.stage, max_steps, self.rank, tb, state.step, self.t0,
@@ -165,25 +166,23 @@ class WorkerRun:
 
     def resume(self, engine) -> LoopState:
         """Continue from Ray's latest checkpoint (a --resume or an automatic restart after a lost worker), or
-        from the newest complete one before it when its files were truncated or partly deleted."""
+        from the newest complete one before it when its files were truncated, partly deleted or damaged."""
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return LoopState()
-        chosen, skipped = manifest.newest_complete(checkpoint.filesystem, checkpoint.path)
-        if chosen is None:
-            raise CheckpointError(f"no complete checkpoint next to {checkpoint.path}: {'; '.join(skipped)}; "
-                                  "start a new run in another --output")
-        if chosen != checkpoint.path:
-            checkpoint = ray.train.Checkpoint(chosen, filesystem=checkpoint.filesystem)
-        for line in skipped if self.rank == 0 else []:
-            print(f"[lbr] {self.stage}: {line}: resuming from {Path(chosen).name}", flush=True)
-        with checkpoint.as_directory() as d:
-            bad = manifest.hash_problem(Path(d))
-            if bad:
-                raise CheckpointError(f"{checkpoint.path}: {bad}; remove that checkpoint folder to resume from "
-                                      "the one before it")
-            state = ckpt.load(engine, Path(d), self.rank)
+        fs = checkpoint.filesystem
+
+        def local_copy(folder: str):
+            return ray.train.Checkpoint(folder, filesystem=fs).as_directory()
+
+        with manifest.newest_complete(fs, checkpoint.path, local_copy) as (chosen, local, skipped):
+            if chosen is None:
+                raise CheckpointError(f"no complete checkpoint next to {checkpoint.path}: {'; '.join(skipped)}; "
+                                      "start a new run in another --output")
+            for line in skipped if self.rank == 0 else []:
+                print(f"[lbr] {self.stage}: {line}: resuming from {Path(chosen).name}", flush=True)
+            state = ckpt.load(engine, local, self.rank)
         ray.train.report({"resumed_at_step": state.step, "resumed_time": time.time()})  # marks the restart
         if self.rank == 0:
-            log.info("%s: resumed from %s at step %d", self.stage, checkpoint.path, state.step)
+            log.info("%s: resumed from %s at step %d", self.stage, chosen, state.step)
         return state

@@ -114,3 +114,29 @@ def test_device_peak():
     assert device_peak_flops("cpu", override_tflops=2.5) == 2.5e12
     peak = cpu_peak_flops(2)
     assert peak is None or 1e9 < peak < 1e13  # 2 cores: GFLOP/s to a few TFLOP/s
+
+
+@pytest.mark.parametrize("overrides, dtype, peak", [
+    (["deepspeed.bf16=true", "model.dtype=float32"], "bfloat16", 989e12),
+    (["deepspeed.bf16=false", "model.dtype=float32"], "float32", 67e12),
+    (["deepspeed.bf16=false", "model.dtype=bfloat16"], "bfloat16", 989e12),
+])
+def test_mfu_peak_and_plan_follow_the_compute_dtype(monkeypatch, tmp_path, overrides, dtype, peak):
+    """Issue 21.6: MFU's peak followed model.dtype alone, so DeepSpeed bf16 with an fp32 model.dtype was measured
+    against an H100's fp32 peak (67 TFLOP/s, not 989: MFU 14.8x too high); lbr plan already counted bf16 there."""
+    from lbr_ray.config import load_config
+    from lbr_ray.config.load import compute_dtype
+    from lbr_ray.plan import Shape, plan_stage
+    from lbr_ray.train.checkpoint import LoopState
+    from lbr_ray.train.worker import WorkerRun
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    cfg = load_config("configs/demo.yaml", overrides)
+    assert compute_dtype(cfg) == dtype
+    run = WorkerRun.__new__(WorkerRun)  # what telemetry() reads of a worker
+    run.cfg, run.stage, run.stage_dir, run.stage_uri, run.rank, run.t0, run.quiet, run.marks = (
+        cfg, "ib_gl", tmp_path, None, 1, None, True, {})
+    assert run.telemetry(10, LoopState()).peak_flops == pytest.approx(peak)
+    s = Shape(params=1000, trainable=1000, hidden=8, kv=8, inter=8, layers=1, vocab=10)
+    assert plan_stage(cfg, s, "ib_gl", 1).parts["weights"] == 1000 * (4 if dtype == "float32" else 2)

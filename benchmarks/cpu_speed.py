@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from lbr_ray.config import load_config, to_dict
+from lbr_ray.config import load_config, replace, to_dict
 from lbr_ray.data import ray_data
 from lbr_ray.layout import collate_columns, length_groups, max_unit_length, pack
 from lbr_ray.model.bottleneck import BottleneckLM
@@ -62,7 +62,7 @@ def rows(args, cfg):
     pairs = ray_data._local_pairs(cfg, "train")  # noqa: SLF001
     pick = np.random.default_rng(0).permutation(len(pairs))[: args.pairs]
     batch = ray_data.as_batch([pairs[i] for i in pick])
-    stage1 = ray_data.TokenizeStage1(to_dict(cfg))
+    stage1 = ray_data.TokenizeStage1(to_dict(replace(cfg, ib_gl={"pack": False})))  # units, one per text
     texts = [{"text": t} for i in pick for t in (pairs[i]["query"], pairs[i]["positive"])]
     units = stage1(ray_data.as_batch(texts))
     stage2 = ray_data.TokenizeStage2(to_dict(cfg), cfg.model.name)(batch)
@@ -71,9 +71,8 @@ def rows(args, cfg):
 
 def ib_batches(units, packed: bool, batch_size: int, length: int, pad_id: int):
     units = [(list(i), list(s)) for i, s in units]
-    if packed:
-        units = pack(units, length)
-        units = [units[i] for i in np.random.default_rng(0).permutation(len(units))]
+    units = pack(units, length) if packed else units
+    units = [units[i] for i in np.random.default_rng(0).permutation(len(units))]  # as the stream comes: shuffled
     out = []
     for s in range(0, len(units) - batch_size + 1, batch_size):
         chunk = units[s: s + batch_size]
@@ -87,7 +86,7 @@ def cl_batches(stage2: dict, grouped: bool, batch_size: int, groups: int, pad_id
     if grouped:
         lengths = np.array([len(q) + len(p) for q, p in zip(stage2["q_ids"], stage2["p_ids"])])
         idx = [b for s in range(0, n, batch_size * groups)
-               for b in length_groups(lengths[s: s + batch_size * groups], batch_size, np.random.default_rng(s))
+               for b in length_groups(lengths[s: s + batch_size * groups], batch_size, np.random.default_rng(0))
                for b in [b + s]]
     else:
         idx = [np.arange(s, s + batch_size) for s in range(0, n - batch_size + 1, batch_size)]
@@ -110,8 +109,8 @@ def main() -> None:
     ap.add_argument("--model", default="models/smollm2-135m")
     ap.add_argument("--data", default="../shared/data/medical")
     ap.add_argument("--config", default="configs/smollm2-135m-medical.yaml")
-    ap.add_argument("--pairs", type=int, default=256, help="training pairs sampled (stage-1 texts: 2 per pair)")
-    ap.add_argument("--steps", type=int, default=3, help="batches per setting per round")
+    ap.add_argument("--pairs", type=int, default=64, help="training pairs sampled (stage-1 texts: 2 per pair); "
+                    "each round runs all of them through every setting")
     ap.add_argument("--passages", type=int, default=256, help="passages encoded per eval setting per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", choices=["train", "eval"], default=None)
@@ -140,8 +139,7 @@ def main() -> None:
         for r in range(args.rounds):
             for name, (ib, cl, ib_b, cl_b) in models.items():
                 for stage, obj, batches in (("ib_gl", ib, ib_b), ("gr_cl", cl, cl_b)):
-                    start = (r * args.steps) % max(1, len(batches) - args.steps)
-                    tokens, cpu = step_rate(obj, batches[start: start + args.steps])
+                    tokens, cpu = step_rate(obj, batches)  # every setting: the same rows, its own batching
                     result[stage].setdefault(name, []).append(round(tokens / cpu, 1))
                     print(f"round {r} {stage:5s} {name}: {tokens / cpu:.1f} tokens per CPU second", flush=True)
         del models

@@ -59,7 +59,7 @@ def load_causal_lm(cfg: ModelConfig, vocab_size: int, seed: int = 0, attn_implem
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_path(cfg.name)
-    attn = attn_implementation or ATTN_IMPLEMENTATION[cfg.attn_backend]
+    attn = attn_implementation or cfg.attn_implementation or ATTN_IMPLEMENTATION[cfg.attn_backend]
     try:
         if cfg.from_scratch:
             torch.manual_seed(seed)

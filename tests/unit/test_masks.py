@@ -101,6 +101,28 @@ def test_flex_matches_dense_reference(model_dirs):
 
 
 @pytest.mark.parametrize("backend", ["dense", "kv_split"])
+def test_eager_kernel_matches_sdpa(model_dirs, backend):
+    """model.attn_implementation=eager (faster in bf16 on CPU) runs the same masks: the same states, packed too."""
+    from lbr_ray.layout import pack
+
+    sdpa, tok = build(model_dirs["llama"], backend)
+    cfg = ModelConfig(name=str(model_dirs["llama"]), from_scratch=True, attn_backend=backend, lora=False,
+                      attn_implementation="eager")
+    eager, _ = BottleneckLM.build(cfg, BottleneckConfig(k=3, k_max=4), seed=0)
+    assert eager.lm.config._attn_implementation == "eager" and sdpa.lm.config._attn_implementation == "sdpa"
+    ids, seg = batch(tok)
+    with torch.no_grad():
+        assert (sdpa.hidden(ids, seg) - eager.hidden(ids, seg))[seg != PAD].abs().max() < 1e-5
+    if backend == "dense":  # packed rows: the document mask as well
+        sb = SequenceBuilder(tok, BottleneckConfig(k=3, k_max=4), 24, 24)
+        rows = pack(sb.stage1_rows(TEXTS, "self", ib=True), 200)
+        ids, seg = pad_rows([r[0] for r in rows], [r[1] for r in rows], tok.pad_token_id)
+        with torch.no_grad():
+            ref, got = sdpa.hidden(ids, seg, packed=True), eager.hidden(ids, seg, packed=True)
+        assert (ref - got)[seg != PAD].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["dense", "kv_split"])
 def test_padding_and_mixed_lengths_match_unpadded_rows(model_dirs, backend):
     model, tok = build(model_dirs["llama"], backend)
     ids, seg = batch(tok)

@@ -84,7 +84,7 @@ def ib_batches(units, packed: bool, batch_size: int, length: int, pad_id: int):
 def cl_batches(stage2: dict, grouped: bool, batch_size: int, groups: int, pad_id: int):
     n = len(stage2["q_ids"])
     if grouped:
-        lengths = np.array([len(q) + len(p) for q, p in zip(stage2["q_ids"], stage2["p_ids"])])
+        lengths = np.array([(len(q), len(p)) for q, p in zip(stage2["q_ids"], stage2["p_ids"])])
         idx = [b for s in range(0, n, batch_size * groups)
                for b in length_groups(lengths[s: s + batch_size * groups], batch_size, np.random.default_rng(0))
                for b in [b + s]]

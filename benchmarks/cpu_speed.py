@@ -11,7 +11,8 @@ jobs share the machine. Figures are real (non-padding) tokens, or passages, per 
 
 Factors: fp32 vs bf16 compute (DeepSpeed's `deepspeed.bf16` casts the model to bf16; emulated here by casting),
 IB-GL rows unpacked vs packed (`ib_gl.pack`), GR-CL batches as they come vs length-grouped (`gr_cl.length_groups`),
-LoRA dropout 0.05 vs 0 (the CPU's bernoulli sampling is slow), SDPA vs eager attention; eval batch sizes.
+LoRA dropout 0.05 vs 0 (the CPU's bernoulli sampling is slow), the 2-D padding mask on causal rows vs none (GR-CL
+and eval embeddings; `PaddingMaskLM` keeps the old path), SDPA vs eager attention; eval batch sizes.
 """
 from __future__ import annotations
 
@@ -26,22 +27,35 @@ import torch
 
 from lbr_ray.config import load_config, replace, to_dict
 from lbr_ray.data import ray_data
-from lbr_ray.layout import collate_columns, length_groups, max_unit_length, pack
+from lbr_ray.layout import PAD, collate_columns, length_groups, max_unit_length, pack
 from lbr_ray.model.bottleneck import BottleneckLM
 from lbr_ray.model.encoder import Encoder
 from lbr_ray.recipes.gr_cl import GRCLObjective
 from lbr_ray.recipes.ib_gl import IBGLObjective
 
-TRAIN = {  # name -> (dtype, packed IB-GL rows, length-grouped GR-CL, lora_dropout, attn_implementation)
-    "before: fp32, unpacked, dropout 0.05, sdpa": ("float32", False, False, 0.05, "sdpa"),
-    "bf16 only": ("bfloat16", False, False, 0.05, "sdpa"),
-    "packed / grouped only": ("float32", True, True, 0.05, "sdpa"),
-    "dropout 0 only": ("float32", False, False, 0.0, "sdpa"),
-    "after: bf16, packed / grouped, dropout 0, sdpa": ("bfloat16", True, True, 0.0, "sdpa"),
-    "after, eager attention": ("bfloat16", True, True, 0.0, "eager"),
+TRAIN = {  # name -> (dtype, packed IB-GL rows, length-grouped GR-CL, lora_dropout, attention, padding mask)
+    "before: fp32, unpacked, dropout 0.05, sdpa, padding mask": ("float32", False, False, 0.05, "sdpa", True),
+    "bf16 only": ("bfloat16", False, False, 0.05, "sdpa", True),
+    "packed / grouped only": ("float32", True, True, 0.05, "sdpa", True),
+    "dropout 0 only": ("float32", False, False, 0.0, "sdpa", True),
+    "no padding mask only": ("float32", False, False, 0.05, "sdpa", False),
+    "after: bf16, packed / grouped, dropout 0, no padding mask, sdpa": ("bfloat16", True, True, 0.0, "sdpa", False),
+    "after, eager attention": ("bfloat16", True, True, 0.0, "eager", False),
 }
-EVAL = {"before: fp32, batch 64": ("float32", 64), "bf16, batch 16": ("bfloat16", 16),
-        "bf16, batch 32": ("bfloat16", 32), "bf16, batch 64": ("bfloat16", 64), "bf16, batch 128": ("bfloat16", 128)}
+EVAL = {"before: fp32, batch 64, padding mask": ("float32", 64, True), "bf16, batch 16": ("bfloat16", 16, False),
+        "bf16, batch 32": ("bfloat16", 32, False), "bf16, batch 64": ("bfloat16", 64, False),
+        "bf16, batch 128": ("bfloat16", 128, False)}
+
+
+class PaddingMaskLM(BottleneckLM):
+    """Today's path before issue 22: unpacked causal rows (GR-CL's embeddings, eval) ran with a 2-D padding mask,
+    which sends SDPA and eager attention down their masked kernels (the same states: tests/unit/test_masks.py)."""
+
+    def hidden(self, ids, seg, ib=True, packed=False):
+        if not ib and not packed:
+            mask = (seg != PAD).long()
+            return self.decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        return super().hidden(ids, seg, ib, packed)
 
 
 def config(args, dropout: float):
@@ -50,10 +64,11 @@ def config(args, dropout: float):
                                      f"data.corpus=[{args.data}]"])
 
 
-def build(cfg, dtype: str, attn: str):
+def build(cfg, dtype: str, attn: str, padding_mask: bool = False):
     torch.manual_seed(0)
-    model, tok = BottleneckLM.build(cfg.model, cfg.bottleneck, seed=0)
-    model.lm.get_base_model().config._attn_implementation = attn  # noqa: SLF001  (HF reads it per forward)
+    model, tok = BottleneckLM.build(replace(cfg, model={"attn_implementation": attn}).model, cfg.bottleneck, seed=0)
+    if padding_mask:
+        model = PaddingMaskLM(model.lm, model.bottleneck_ids, model.backend, model.sink)
     return model.to(getattr(torch, dtype)), tok
 
 
@@ -128,9 +143,9 @@ def main() -> None:
               "ib_gl": {}, "gr_cl": {}, "eval": {}}
     if args.only != "eval":
         models = {}
-        for name, (dtype, packed, grouped, dropout, attn) in TRAIN.items():
+        for name, (dtype, packed, grouped, dropout, attn, padding_mask) in TRAIN.items():
             cfg = config(args, dropout)
-            model, tok = build(cfg, dtype, attn)
+            model, tok = build(cfg, dtype, attn, padding_mask)
             pad = tok.pad_token_id
             models[name] = (IBGLObjective(model, 0.0, True, packed=packed), GRCLObjective(model, cfg),
                             ib_batches(units, packed, b1, length, pad), cl_batches(stage2, grouped, b2, 50, pad))
@@ -145,11 +160,11 @@ def main() -> None:
         del models
     if args.only != "train":
         encoders = {}
-        for name, (dtype, batch) in EVAL.items():
-            model, tok = build(cfg0, dtype, "sdpa")
+        for name, (dtype, batch, padding_mask) in EVAL.items():
+            model, tok = build(cfg0, dtype, "sdpa", padding_mask)
             encoders[name] = (Encoder(model, tok, cfg0.bottleneck, cfg0.data.max_input_tokens), batch)
         check = passages[: min(64, args.passages)]
-        ref = encoders["before: fp32, batch 64"][0].encode(check, 64)
+        ref = next(iter(encoders.values()))[0].encode(check, 64)
         for enc, batch in encoders.values():  # warm-up
             enc.encode(check[:batch], batch)
         for r in range(args.rounds):

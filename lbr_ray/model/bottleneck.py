@@ -14,7 +14,7 @@ from torch import nn
 
 from lbr_ray.config.schema import BottleneckConfig, ModelConfig
 from lbr_ray.errors import ConfigError
-from lbr_ray.layout import B, PAD, add_bottleneck_tokens
+from lbr_ray.layout import B, add_bottleneck_tokens
 from lbr_ray.model.attention import ATTN_IMPLEMENTATION, get_backend
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -111,9 +111,11 @@ class BottleneckLM(nn.Module):
     def hidden(self, ids: torch.Tensor, seg: torch.Tensor, ib: bool = True, packed: bool = False) -> torch.Tensor:
         """Final hidden states [B, T, H] under the IB mask (ib=True) or the plain causal mask. `packed`: rows may
         hold several units (lbr_ray.layout.pack); the IB mask always keeps documents apart, the plain causal
-        mask does so only when told (it is otherwise the cheaper 2-D padding mask)."""
+        mask does so only when told. Unpacked causal rows need no mask at all: they are right-padded
+        (layout.pad_rows), and under a causal mask no real token sees a later pad, so the kernels run their
+        mask-free causal path (states at pad positions are never read)."""
         if not ib and not packed:
-            return self.decoder(input_ids=ids, attention_mask=(seg != PAD).long(), use_cache=False).last_hidden_state
+            return self.decoder(input_ids=ids, use_cache=False).last_hidden_state
         return self._forward(self.decoder, ids, seg, ib=ib, sink=self.sink)
 
     def embed(self, ids: torch.Tensor, seg: torch.Tensor, pooling: str = "last") -> torch.Tensor:

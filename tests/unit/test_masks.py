@@ -157,6 +157,28 @@ def test_lora_model_keeps_mask_and_trains_bottleneck_rows(model_dirs):
     assert not any(n.endswith("embed_tokens.weight") and "trainable" not in n for n in names)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_embedding_rows_need_no_padding_mask(model_dirs, arch, dtype):
+    """Right-padded causal rows run without a mask (the kernels' fast causal path): each embedding equals the row's
+    own, unpadded, and equals what the 2-D padding mask gives."""
+    model, tok = build(model_dirs[arch])
+    model = model.to(dtype)
+    sb = SequenceBuilder(tok, BottleneckConfig(k=3, k_max=4), 24, 24)
+    rows = sb.embed_rows(TEXTS)
+    ids, seg = pad_rows([r[0] for r in rows], [r[1] for r in rows], tok.pad_token_id)
+    assert (seg == PAD).any()
+    with torch.no_grad():
+        batch_emb = model.embed(ids, seg)
+        masked = model.decoder(input_ids=ids, attention_mask=(seg != PAD).long()).last_hidden_state
+        for r, (i, s) in enumerate(rows):
+            alone = model.embed(torch.tensor([i]), torch.tensor([s]))
+            assert (batch_emb[r] - alone[0]).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
+        from lbr_ray.model.bottleneck import pool_bottleneck
+
+        assert (pool_bottleneck(masked, seg) - batch_emb).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
 def test_embed_uses_last_bottleneck_state(model_dirs):
     model, tok = build(model_dirs["llama"])
     sb = SequenceBuilder(tok, BottleneckConfig(k=3, k_max=4), 24, 24)

@@ -142,6 +142,8 @@ def train_fn(config: dict) -> None:
     engine = initialize(GRCLObjective(model, cfg), cfg.deepspeed, st, run.world)
     if st.cache_chunk:
         gradcache.check_engine(engine)
+        log.info("gr_cl: GradCache, the %d rows per worker of each text column encoded %d at a time (%d chunks), "
+                 "one gradient reduction per step", st.batch_size, st.cache_chunk, -(-st.batch_size // st.cache_chunk))
     run.mark("deepspeed")
     state = run.resume(engine)
     dev, last_eval = config.get("dev"), {}

@@ -74,14 +74,27 @@ def backward_chunks(engine, batch: dict, part: str, states: list, grad: torch.Te
         engine.backward(torch.dot(emb.flatten(), grad[rows].to(emb.dtype).flatten()))
 
 
-def check_engine(engine) -> None:
-    """Refuse, in one line, an engine that cannot accumulate several backwards into one reduction."""
-    if engine.zero_optimization_stage() > 0 and not hasattr(engine, "coalesce_grad_reduction"):
-        import deepspeed
+def deepspeed_problem(zero_stage: int, version: str, coalesces: bool | None = None) -> str | None:
+    """Why DeepSpeed `version` cannot run GradCache's chunk backwards at `zero_stage` as one reduction (None: it
+    can); `coalesces`: whether the engine has coalesce_grad_reduction (default: from the version)."""
+    if coalesces is None:
+        from packaging.version import Version
 
-        raise ConfigError(f"gr_cl.cache_chunk under ZeRO stage {engine.zero_optimization_stage()} needs DeepSpeed >= "
-                          f"{COALESCE_MIN_DEEPSPEED} (engine.coalesce_grad_reduction); this is {deepspeed.__version__}"
-                          "; upgrade it or set gr_cl.cache_chunk: 0")
+        coalesces = Version(version) >= Version(COALESCE_MIN_DEEPSPEED)
+    if zero_stage == 0 or coalesces:
+        return None
+    return (f"gr_cl.cache_chunk under ZeRO stage {zero_stage} needs DeepSpeed >= {COALESCE_MIN_DEEPSPEED} "
+            f"(engine.coalesce_grad_reduction); this is {version}; upgrade it or set gr_cl.cache_chunk: 0")
+
+
+def check_engine(engine) -> None:
+    """In the worker: refuse, in one line, an engine that cannot reduce several backwards once."""
+    import deepspeed
+
+    problem = deepspeed_problem(engine.zero_optimization_stage(), deepspeed.__version__,
+                                hasattr(engine, "coalesce_grad_reduction"))
+    if problem:
+        raise ConfigError(problem)
 
 
 @contextmanager

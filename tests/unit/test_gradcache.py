@@ -294,14 +294,24 @@ def test_config_refuses_what_gradcache_cannot_take():
             load_config("configs/demo.yaml", overrides)
 
 
-def test_a_deepspeed_without_coalesced_reduction_is_refused_in_one_line():
+def test_a_deepspeed_without_coalesced_reduction_is_refused_in_one_line(monkeypatch):
+    """Before Ray starts (the driver's DeepSpeed) and in each worker (its engine): ZeRO-1/2/3 need
+    engine.coalesce_grad_reduction (DeepSpeed >= 0.19.2); stage 0 runs on any DeepSpeed."""
+    import importlib.metadata
     from types import SimpleNamespace
 
+    from lbr_ray.config import load_config
     from lbr_ray.errors import ConfigError
-    from lbr_ray.train.gradcache import check_engine
+    from lbr_ray.recipes.preflight import check_gradcache
+    from lbr_ray.train.gradcache import check_engine, deepspeed_problem
 
-    old = SimpleNamespace(zero_optimization_stage=lambda: 2)  # an engine of DeepSpeed < 0.19.2
-    with pytest.raises(ConfigError, match=r"ZeRO stage 2 needs DeepSpeed >= 0\.19\.2") as info:
-        check_engine(old)
+    assert deepspeed_problem(2, "0.19.2") is None and deepspeed_problem(0, "0.16.0") is None
+    assert "needs DeepSpeed >= 0.19.2" in deepspeed_problem(3, "0.18.6")
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.18.6")
+    with pytest.raises(ConfigError, match=r"ZeRO stage 2 needs DeepSpeed >= 0\.19\.2 .*this is 0\.18\.6") as info:
+        check_gradcache(load_config("configs/demo.yaml", ["gr_cl.cache_chunk=8"]))
     assert len(str(info.value).splitlines()) == 1
-    check_engine(SimpleNamespace(zero_optimization_stage=lambda: 0))  # stage 0: no_sync, any DeepSpeed
+    check_gradcache(load_config("configs/demo.yaml", ["gr_cl.cache_chunk=8", "deepspeed.zero_stage=0"]))
+    with pytest.raises(ConfigError, match="ZeRO stage 3 needs DeepSpeed"):
+        check_engine(SimpleNamespace(zero_optimization_stage=lambda: 3))  # an engine without the method
+    check_engine(SimpleNamespace(zero_optimization_stage=lambda: 0))

@@ -13,7 +13,8 @@ Parameters are counted on the meta device (the real architecture, no memory); th
   copy and its gradient;
 - GR-CL's contrastive loss: the similarity logits of the batch's queries against every gathered candidate (fp32,
   with their softmax and gradient) and the embeddings with their gradients. With GradCache (gr_cl.cache_chunk) the
-  activations and IB-loss logits are those of one chunk of cache_chunk rows, the contrastive part stays the batch's;
+  activations and IB-loss logits are those of one chunk of cache_chunk rows, the contrastive part stays the batch's,
+  and under ZeRO-2/3 each worker holds the whole gradient until the step's one reduction (docs/gradcache.md);
 - on GPUs, CUDA_RUNTIME for the CUDA context and workspaces.
 
 The two constants (15h of the activation count, CUDA_RUNTIME) were fitted to the H100 rows at 517 and 1029
@@ -168,6 +169,8 @@ def plan_stage(cfg: LbrConfig, s: Shape, stage: str, workers: int, gpu_bytes: fl
     parts.update(activation_bytes(s, held_rows * length, held_scored, width, cfg.model.gradient_checkpointing))
     if stage == "gr_cl":
         parts["contrastive"] = contrastive_bytes(cfg, s, workers)
+        if cfg.gr_cl.cache_chunk and ds.zero_stage >= 2:  # the chunks' gradients wait whole for the step's reduction
+            parts["gradients"] = s.trainable * width
     if cfg.scaling.use_gpu:
         parts["cuda_runtime"] = float(CUDA_RUNTIME)
     st = getattr(cfg, stage)

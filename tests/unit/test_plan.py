@@ -84,6 +84,9 @@ def test_gradcache_plan_holds_a_chunk_of_activations_and_the_whole_batch_of_logi
     assert cached.parts["activations"] == pytest.approx(plain.parts["activations"] * 8 / rows)
     assert cached.parts["contrastive"] == plain.parts["contrastive"] > 0
     assert cached.tokens_per_step == plain.tokens_per_step
+    full = plan(load("model.lora=false", "deepspeed.zero_stage=3"), stages=("gr_cl",))[0]
+    full_cached = plan(load("model.lora=false", "deepspeed.zero_stage=3", "gr_cl.cache_chunk=8"), stages=("gr_cl",))[0]
+    assert full_cached.parts["gradients"] == full.parts["gradients"] * 4  # whole until the reduction, 4 workers
     assert plain.fits is False and cached.fits
     assert any(a.startswith("gr_cl.cache_chunk=") for a in plain.advice)
     bigger = plan(load("gr_cl.batch_size=1024", "gr_cl.symmetric=true"), stages=("gr_cl",))[0]

@@ -106,9 +106,11 @@ def worker(rank: int, world: int, port: int, args, queue) -> None:
     device = next(model.parameters()).device
     sampler = None if cuda else PeakRSS()
     rows_out = []
-    for per_worker in args.batches:
+    for per_worker in args.batches + args.cached_only:
         batch = {k: v.to(device) for k, v in batches(cfg, cfg.model.name, per_worker, rank, world).items()}
         modes = {"plain": plain_forward_backward, "cached": cached_step}
+        if per_worker in args.cached_only:  # batches the plain step cannot hold
+            modes.pop("plain")
         times = {m: [] for m in modes}
         peaks = {m: 0 for m in modes}
         base = {}
@@ -147,6 +149,7 @@ def main() -> None:
     p.add_argument("--config", default=str(ROOT / "configs/demo.yaml"))
     p.add_argument("--set", action="append", default=[], help="config override, e.g. gr_cl.hard_negatives=1")
     p.add_argument("--batches", default="16,64,256", help="rows per worker, comma-separated")
+    p.add_argument("--cached-only", default="", help="rows per worker measured with GradCache only, e.g. 1024")
     p.add_argument("--chunk", type=int, default=16, help="gr_cl.cache_chunk of the cached runs")
     p.add_argument("--steps", type=int, default=3, help="timed steps per mode and batch (after one warm-up)")
     p.add_argument("--workers", type=int, default=2)
@@ -154,7 +157,7 @@ def main() -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
-    args.batches = [int(b) for b in args.batches.split(",")]
+    args.batches, args.cached_only = ([int(b) for b in t.split(",") if b] for t in (args.batches, args.cached_only))
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 << 10))  # freed tensors go back to the OS at once
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -179,7 +182,9 @@ def main() -> None:
                 sys.exit("a worker failed")
     for proc in procs:
         proc.join(timeout=60)
-    table = []
+    table = [{"global_batch": r["global_batch"], "per_worker": r["per_worker"], "peak_mib_cached": r["peak_mib"],
+              "step_growth_mib_cached": r["peak_mib"] - r["before_step_mib"], "step_s_cached": r["step_s"]}
+             for r in rows if r["per_worker"] in args.cached_only and r["rank"] == 0]
     for per_worker in args.batches:
         mine = {m: [r for r in rows if r["per_worker"] == per_worker and r["mode"] == m] for m in ("plain", "cached")}
         plain, cached = (max(mine[m], key=lambda r: r["peak_mib"]) for m in ("plain", "cached"))
@@ -190,17 +195,24 @@ def main() -> None:
                       "step_s_plain": max(r["step_s"] for r in mine["plain"]),
                       "step_s_cached": max(r["step_s"] for r in mine["cached"])})
         table[-1]["step_time_ratio"] = table[-1]["step_s_cached"] / table[-1]["step_s_plain"]
+        paired = [c / p for p, c in zip(mine["plain"][0]["step_times_s"], mine["cached"][0]["step_times_s"])]
+        table[-1]["step_time_ratio_paired_median"] = statistics.median(paired)  # step i plain next to step i cached
+    table.sort(key=lambda r: r["per_worker"])
     doc = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "device": args.device,
            "machine": f"{os.uname().machine}, {os.cpu_count()} CPUs", "workers": args.workers,
            "threads_per_worker": args.threads if args.device == "cpu" else None, "config": args.config,
            "overrides": args.set, "chunk": args.chunk, "steps": args.steps, "wall_s": time.time() - start,
            "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "table": table, "rows": rows}
     for r in table:
+        if "peak_mib_plain" not in r:
+            print(f"global batch {r['global_batch']:5d} ({r['per_worker']} per worker): cached only, peak "
+                  f"{r['peak_mib_cached']:.0f} MiB, step {r['step_s_cached']:.2f} s")
+            continue
         print(f"global batch {r['global_batch']:5d} ({r['per_worker']} per worker): peak "
               f"{'RSS' if args.device == 'cpu' else 'GPU'} per worker {r['peak_mib_plain']:.0f} MiB plain, "
               f"{r['peak_mib_cached']:.0f} MiB cached (step growth {r['step_growth_mib_plain']:.0f} / "
               f"{r['step_growth_mib_cached']:.0f} MiB); step {r['step_s_plain']:.2f} s / {r['step_s_cached']:.2f} s "
-              f"(x{r['step_time_ratio']:.2f})")
+              f"(x{r['step_time_ratio']:.2f}; step by step x{r['step_time_ratio_paired_median']:.2f})")
     if args.out:
         args.out.write_text(json.dumps(doc, indent=1))
 

@@ -112,6 +112,8 @@ def validate(cfg: LbrConfig) -> list[str]:
             problems.append(f"{stage}.lr must be > 0, got {s.lr}")
     if cfg.gr_cl.temperature <= 0:
         problems.append(f"gr_cl.temperature must be > 0, got {cfg.gr_cl.temperature}")
+    if cfg.gr_cl.length_groups < 0:
+        problems.append(f"gr_cl.length_groups must be >= 0 (0 = off), got {cfg.gr_cl.length_groups}")
     if cfg.gr_cl.cache_chunk < 0:
         problems.append(f"gr_cl.cache_chunk must be >= 0 (0 = off), got {cfg.gr_cl.cache_chunk}")
     if cfg.gr_cl.cache_chunk > 0 and cfg.gr_cl.grad_accum > 1:
@@ -156,6 +158,12 @@ def pack_length(cfg: LbrConfig) -> int | None:
 
     return cfg.ib_gl.pack_length or max_unit_length(cfg.data.max_input_tokens, cfg.data.max_target_tokens,
                                                     cfg.bottleneck.k_max)
+
+
+def compute_dtype(cfg: LbrConfig) -> str:
+    """The dtype training computes in: bfloat16 under `deepspeed.bf16` (DeepSpeed casts the model, whatever
+    `model.dtype`), else `model.dtype`. MFU's peak and `lbr plan`'s bytes per weight follow it."""
+    return "bfloat16" if cfg.deepspeed.bf16 else cfg.model.dtype
 
 
 def _validate_tune(cfg: LbrConfig) -> list[str]:

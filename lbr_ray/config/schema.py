@@ -90,6 +90,8 @@ class GRCLConfig(StageConfig):
     symmetric: bool = False
     hard_negatives: int = 0  # negatives per query taken from the pairs' `negatives` field
     gather: bool = True  # gather positives across workers (negatives grow with workers)
+    length_groups: int = 0  # > 1: sort each run of this many batches by length before batching (less padding,
+    #                         HF Trainer's group_by_length uses 50); 0 = batches as the shuffled stream comes
     gen_weight: float = 0.0  # lambda for the IB loss on query -> positive
     cache_chunk: int = 0  # > 0: GradCache, rows encoded this many at a time (activations of a chunk, not of the
     #                       batch; the same loss and gradients, ~1 more forward per step; docs/gradcache.md); 0 = off

@@ -23,11 +23,14 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 def resolve_model_path(name: str) -> str:
     """A local folder (as given, or relative to the lbr-ray checkout, e.g. lbr_ray/assets/tiny-llama), a local copy
-    of an s3:// / gs:// folder, or a hub id."""
+    of an s3:// / gs:// folder, the converted folder of a .gguf file (lbr_ray.model.gguf), or a hub id."""
+    from lbr_ray.model.gguf import cached_folder, is_gguf
     from lbr_ray.storage import is_remote, local_copy
 
     if is_remote(name):
         return local_copy(name)
+    if is_gguf(name):
+        return str(cached_folder(name))
     for candidate in (Path(name).expanduser(), PACKAGE_ROOT / name):
         if candidate.is_dir():
             return str(candidate)
@@ -155,10 +158,16 @@ def apply_lora(lm: nn.Module, cfg: ModelConfig, bottleneck_ids: list[int]) -> nn
     return get_peft_model(lm, lora)
 
 
-def merged_lm(model: BottleneckLM) -> nn.Module:
-    """A plain HF causal LM with LoRA and trainable tokens merged in (a copy when peft-wrapped)."""
+def merged_lm(model: BottleneckLM, dtype: str | None = None) -> nn.Module:
+    """A plain HF causal LM with LoRA and trainable tokens merged in (a copy when peft-wrapped), in `dtype` when
+    given. LoRA merges in float32: under DeepSpeed bf16 the module is bf16, and a bf16 merge would round away the
+    small LoRA updates."""
     import copy
 
-    if hasattr(model.lm, "merge_and_unload"):
-        return copy.deepcopy(model.lm).merge_and_unload()
-    return model.lm
+    lm = model.lm
+    if hasattr(lm, "merge_and_unload"):
+        lm = copy.deepcopy(lm)
+        lm = (lm.float() if next(lm.parameters()).dtype != torch.float32 else lm).merge_and_unload()
+    elif dtype and next(lm.parameters()).dtype != DTYPES[dtype]:
+        lm = copy.deepcopy(lm)  # never cast the model being trained
+    return lm.to(DTYPES[dtype]) if dtype else lm

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lbr_ray.config.schema import DeepSpeedConfig, StageConfig
+from tests.conftest import free_port
 
 
 class Objective(torch.nn.Module):
@@ -27,7 +28,7 @@ def world_of_one():
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DS_ACCELERATOR", "cpu")
-        for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561", "RANK": "0", "LOCAL_RANK": "0",
+        for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
                      "WORLD_SIZE": "1"}.items():
             mp.setenv(k, v)
         from deepspeed.accelerator import get_accelerator

@@ -76,8 +76,7 @@ def eval_command(
 
         raise typer.Exit(submit_as_job(sys.argv[1:], cluster=cluster, address=address))
     from lbr_ray.errors import ConfigError
-    from lbr_ray.eval.baselines import BASELINES, BM25Retriever, base_ref, minilm_ref
-    from lbr_ray.eval.encode import load_encoder
+    from lbr_ray.eval.baselines import BASELINES, retrieval_method
     from lbr_ray.eval.evaluator import (EvalOptions, RetrievalEvaluator, default_cache_dir, resolve_data_root,
                                         resolve_split)
     from lbr_ray.eval.report import write_reports
@@ -101,15 +100,7 @@ def eval_command(
                        num_workers=num_workers, batch_size=batch_size, max_queries=max_queries,
                        max_corpus=max_corpus, cache_dir=str(cache_dir or default_cache_dir()), use_gpu=gpu,
                        address=address, split=split_cfg)
-    if baseline == "bm25":
-        method, name = BM25Retriever(threads=max(num_workers, 1)), "bm25"
-    elif baseline == "minilm":
-        method, name = minilm_ref(max_length), "minilm (all-MiniLM-L6-v2" + (f", max {max_length} tokens)"
-                                                                         if max_length else ")")
-    elif baseline == "base":
-        method, name = base_ref(model, from_scratch, max_length=max_length or 256), f"base {model}"
-    else:
-        method, name = load_encoder(model, **({"max_length": max_length} if max_length else {})), str(model)
+    method, name = retrieval_method(baseline, model, from_scratch, max_length, threads=max(num_workers, 1))
     typer.echo(f"lbr eval: {name} on {', '.join(names)} from {opts.data_root}")
     typer.echo(f"lbr eval: test queries from {split_from}: key {split_cfg.key}, bucket mod {split_cfg.modulus} in "
                f"{list(split_cfg.test_buckets)}")

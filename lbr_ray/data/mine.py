@@ -305,7 +305,7 @@ def write_pairs(output: Path, data: PairsInput, mined: list[list[str]], filled: 
                                     ("random", filled[q])):
                     for text in texts:
                         key = text_key(text)
-                        if key in data.heldout:
+                        if kind == "given" and key in data.heldout:  # mined ones never are (candidate_pool)
                             counts["given_negatives_dropped_as_dev_test_positives"] += 1
                         elif key not in seen:
                             seen.add(key)

@@ -400,8 +400,8 @@ def run_study(cfg: LbrConfig, spec: StudySpec, study: str | Path, resume: bool =
     else:
         tuner = build_tuner(cfg, spec, study, callbacks, quiet, pending, commit) if pending else None
     if pending and len(pending) < len(grid_cells(spec)):
-        print(f"[lbr] study: {len(grid_cells(spec)) - len(pending)} cells are done in {results}; "
-              f"{len(pending)} to run", flush=True)
+        print(f"[lbr] study: {len(grid_cells(spec)) - len(pending)} of {len(grid_cells(spec))} cells are done in "
+              f"{results}; {len(pending)} to run", flush=True)
     grid = None
     if tuner is not None:
         try:

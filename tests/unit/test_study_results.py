@@ -204,3 +204,13 @@ def test_study_result_options_are_checked(lbr, tmp_path):
     one_line(*lbr("study", "--output", tmp_path / "s", "--results", tmp_path / "r", "--resume"),
              "nor does --results")
     assert not (tmp_path / "s").exists()
+
+
+def test_a_variant_trains_on_mined_pairs_named_relative_to_the_study(tmp_path):
+    """`cl+data.pairs=runs/mined/x.jsonl.gz`: a cell runs in its trial folder, so the path is taken from the folder
+    `lbr study` runs in (a fresh clone's own root), not left relative."""
+    from lbr_ray.tune.study import cell_config
+
+    variant = "cl+data.pairs=runs/mined/medical.jsonl.gz+gr_cl.hard_negatives=1@0/1"
+    cfg, _ = cell_config(load_config("configs/demo.yaml"), variant, 1, tmp_path, root="/clone")
+    assert cfg.data.pairs == ("/clone/runs/mined/medical.jsonl.gz",) and cfg.gr_cl.hard_negatives == 1

@@ -31,8 +31,7 @@ def test_study_grid_resumes_without_rerunning_finished_cells(ray_local, tmp_path
                                      test_max_corpus=200, eval_workers=0, stat_test="fisher", max_p=0.05)
     partial = run_study(cfg, spec, folder, callbacks=[InterruptAfter(1, str(tmp_path / "interrupted"))])
     assert (tmp_path / "interrupted").exists() and partial["finished"] is False and partial["cells_done"] == 1
-    first = [c["cell"] for c in partial["cells"]]
-    assert len(first) == 1 and "variant=cl" in first[0]
+    assert [(c["variant"], c["cell"]) for c in partial["cells"]] == [("cl", "cl_seed0")]  # the committed copy
     console = capfd.readouterr().out  # the quiet console: one line per cell as it starts and as it ends
     assert "[lbr] study: cell 1 of 2 (cl seed 0) started" in console
     assert "[lbr] study: cell 1 of 2 (cl seed 0) done in" in console and "test_medical_recall@10 0." in console

@@ -686,7 +686,8 @@ def markdown(doc: dict, spec: StudySpec) -> str:
         vals = [_ms((r[d]["mean"], r[d]["std"])) for d in spec.domains]
         lines.append(f"| {r['variant']} | {','.join(map(str, r['seeds'])) or '-'} | " + " | ".join(vals)
                      + f" | {_ms((r['dev']['mean'], r['dev']['std']))} |")
-    for name, scores in (doc["baselines"] if "baselines" in doc else {"bm25": doc["bm25"]}).items():  # older docs
+    references = doc["baselines"] if "baselines" in doc else {"bm25": doc["bm25"]}  # studies before issue 23
+    for name, scores in references.items():
         lines.append(f"| {_label(name)} | - | " + " | ".join(f"{scores[d]:.4f}" if d in scores else "-"
                                                            for d in spec.domains) + " | - |")
     counts = {d: max((c["test"].get(d, {}).get("hard_queries", 0) for c in doc.get("cells", [])), default=0)

@@ -47,7 +47,7 @@ def test_study_grid_resumes_without_rerunning_finished_cells(ray_local, tmp_path
     assert out.exit_code == 0, out.output[-3000:]
     cells = [p.name for p in (clone / "cells").iterdir()]
     assert len(cells) == 1 and "variant=lbr" in cells[0], cells  # cl was not retrained
-    assert "[lbr] study: 1 of 2 cells are done in" in capfd.readouterr().out
+    assert "[lbr] study: 1 of 2 cells are done in" in out.output
     assert len((clone / "stage1" / "runs.jsonl").read_text().splitlines()) == 1  # lbr's stage 1, trained once
     lbr_json = (results / "cells" / "lbr_seed0" / "cell.json").read_bytes()
 

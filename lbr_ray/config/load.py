@@ -114,6 +114,11 @@ def validate(cfg: LbrConfig) -> list[str]:
         problems.append(f"gr_cl.temperature must be > 0, got {cfg.gr_cl.temperature}")
     if cfg.gr_cl.length_groups < 0:
         problems.append(f"gr_cl.length_groups must be >= 0 (0 = off), got {cfg.gr_cl.length_groups}")
+    if cfg.model.attn_implementation not in ("", "sdpa", "eager"):
+        problems.append(f"model.attn_implementation={cfg.model.attn_implementation!r} is not one of "
+                        "['sdpa', 'eager'] ('' = the backend's own)")
+    elif cfg.model.attn_implementation and cfg.model.attn_backend == "flex":
+        problems.append("model.attn_implementation is for the dense and kv_split backends; flex runs FlexAttention")
     if cfg.model.attn_backend == "flex" and not cfg.scaling.use_gpu:
         problems.append("model.attn_backend=flex trains only on GPU (FlexAttention has no CPU backward); "
                         "use dense or kv_split on CPU")

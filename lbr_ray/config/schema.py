@@ -10,6 +10,8 @@ class ModelConfig:
     from_scratch: bool = False  # build random weights from the config (tiny test/demo models)
     dtype: str = "float32"  # float32 | bfloat16 | float16
     attn_backend: str = "dense"  # dense | flex | kv_split: how the IB mask is applied
+    attn_implementation: str = ""  # HF attention kernel for dense / kv_split: sdpa | eager ("" = sdpa; in bf16 on
+    #                                 CPU eager is faster: benchmarks/results/cpu_speed.json)
     lora: bool = True  # LoRA via peft (plus trainable bottleneck rows); False = full fine-tuning
     lora_r: int = 16
     lora_alpha: int = 32

@@ -27,20 +27,23 @@ def minilm_ref(max_length: int | None = None) -> EncoderRef:
     return EncoderRef("st", str(minilm_path()), opts)
 
 
-def base_ref(model: str | Path, from_scratch: bool = False, seed: int = 0, max_length: int = 256) -> EncoderRef:
+def base_ref(model: str | Path, from_scratch: bool = False, seed: int = 0, max_length: int = 256,
+             dtype: str = "float32") -> EncoderRef:
     from lbr_ray.model.gguf import cached_folder, is_gguf
 
     path = cached_folder(model, "--model") if is_gguf(model) else Path(model)
     if not (path / "config.json").is_file():
         raise LbrError(f"--baseline base needs --model pointing to an HF causal LM folder with config.json or "
                        f"a .gguf file; got {model}")
-    return EncoderRef("base", str(path), (("from_scratch", from_scratch), ("max_length", max_length), ("seed", seed)))
+    return EncoderRef("base", str(path), (("dtype", dtype), ("from_scratch", from_scratch), ("max_length", max_length),
+                                          ("seed", seed)))
 
 
 def retrieval_method(baseline: str | None, model: str | None, from_scratch: bool = False,
-                     max_length: int | None = None, threads: int = 1):
+                     max_length: int | None = None, threads: int = 1, dtype: str | None = None):
     """(method, name) that `lbr eval` and `lbr mine` rank with: --baseline bm25 | minilm | base (--model = an HF
-    causal LM) or --model = a trained lbr-ray or sentence-transformers folder."""
+    causal LM) or --model = a trained lbr-ray or sentence-transformers folder; `dtype`: the compute dtype of a base
+    or lbr-ray model (None: float32 for base, the saved weights' for a trained model)."""
     from lbr_ray.eval.encode import load_encoder
 
     if baseline == "bm25":
@@ -49,15 +52,15 @@ def retrieval_method(baseline: str | None, model: str | None, from_scratch: bool
         return minilm_ref(max_length), "minilm (all-MiniLM-L6-v2" + (f", max {max_length} tokens)" if max_length
                                                                      else ")")
     if baseline == "base":
-        return base_ref(model, from_scratch, max_length=max_length or 256), f"base {model}"
-    return load_encoder(model, **({"max_length": max_length} if max_length else {})), str(model)
+        return base_ref(model, from_scratch, max_length=max_length or 256, dtype=dtype or "float32"), f"base {model}"
+    return load_encoder(model, dtype=dtype, **({"max_length": max_length} if max_length else {})), str(model)
 
 
 class CausalLMEncoder:
     """HF decoder-only LM, last-token pooling of the final hidden state, L2-normalised (right padding)."""
 
     def __init__(self, path: str, device: str | None = None, from_scratch: bool = False, seed: int = 0,
-                 max_length: int = 256):
+                 max_length: int = 256, dtype: str = "float32"):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -67,12 +70,13 @@ class CausalLMEncoder:
         self.tokenizer.padding_side = "right"
         if from_scratch:  # random weights from the config, identical in every worker
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True),
+                                                     dtype=getattr(torch, dtype))
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype))
         self.model = model.base_model.eval().to(device or "cpu")  # the decoder stack, no LM head
         self.device, self.max_length = device or "cpu", max_length
-        self.fingerprint = fingerprint_path(path, f"base:{from_scratch}:{seed}:{max_length}")
+        self.fingerprint = fingerprint_path(path, f"base:{from_scratch}:{seed}:{max_length}:{dtype}")
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         import torch

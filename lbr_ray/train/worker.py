@@ -48,7 +48,7 @@ def grouped_batches(megabatches, prefixes: list[str], batch_size: int, collate, 
 
     device = get_device()
     for j, mega in enumerate(megabatches):
-        lengths = sum(np.fromiter(map(len, mega[f"{p}_ids"]), dtype=np.int64) for p in prefixes)
+        lengths = np.stack([np.fromiter(map(len, mega[f"{p}_ids"]), dtype=np.int64) for p in prefixes], 1)
         for idx in length_groups(lengths, batch_size, np.random.default_rng([*seed, j])):
             batch = collate({k: v[idx] for k, v in mega.items()})
             yield {k: v.to(device) for k, v in batch.items()} if device.type != "cpu" else batch

@@ -438,12 +438,12 @@ def _commit(commit: bool, paths: list[Path], message: str) -> None:
 def baseline_methods(cfg: LbrConfig, spec: StudySpec) -> dict:
     """{name: what lbr eval scores it with}: bm25; minilm (all-MiniLM-L6-v2 as `lbr eval --baseline minilm`);
     base = the config's model.name untrained, last-token pooled (CausalLMEncoder), cut at data.max_input_tokens
-    like the trained cells."""
+    and computed in model.dtype like the trained cells."""
     from lbr_ray.eval.baselines import BM25Retriever, base_ref, minilm_ref
 
     make = {"bm25": BM25Retriever, "minilm": minilm_ref,
             "base": lambda: base_ref(cfg.model.name, cfg.model.from_scratch, seed=cfg.run.seed,
-                                     max_length=cfg.data.max_input_tokens)}
+                                     max_length=cfg.data.max_input_tokens, dtype=cfg.model.dtype)}
     return {name: make[name]() for name in spec.baselines}
 
 

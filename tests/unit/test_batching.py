@@ -27,6 +27,18 @@ def test_length_groups_cut_padding_and_keep_every_row_once():
     assert order != sorted(order)  # the batches come in a random order, not shortest first
 
 
+def test_length_groups_of_two_columns_sort_by_the_longer_then_the_shorter():
+    """Query and positive rows pad separately: equal positives (truncated at the limit) group by query length."""
+    rng = np.random.default_rng(0)
+    q, p = rng.integers(5, 40, size=64), np.where(rng.random(64) < 0.5, 100, rng.integers(20, 100, size=64))
+    batches = length_groups(np.stack([q, p], 1), 8, np.random.default_rng(0))
+    cost = sum(8 * (q[b].max() + p[b].max()) for b in batches)
+    by_sum = np.argsort(q + p, kind="stable")
+    cost_sum = sum(8 * (q[by_sum[s: s + 8]].max() + p[by_sum[s: s + 8]].max()) for s in range(0, 64, 8))
+    assert cost < cost_sum  # less padding than sorting by the total length
+    assert all(len(set(p[b])) == 1 for b in batches if 100 in p[b] and p[b].min() == 100)
+
+
 class CountingEncoder:
     """Embeds a text as a fixed function of its length and first letter; counts its forward passes."""
 

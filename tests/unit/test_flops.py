@@ -116,6 +116,31 @@ def test_device_peak():
     assert peak is None or 1e9 < peak < 1e13  # 2 cores: GFLOP/s to a few TFLOP/s
 
 
+@pytest.mark.parametrize("flags, family, fp32, bf16", [
+    ({"avx2", "fma", "avx512f", "avx512_bf16"}, 0x19, 32e9, 64e9),  # AMD Zen 4: AVX-512 on 256-bit units
+    ({"avx2", "fma", "avx512f"}, 6, 64e9, 64e9),  # Intel, two 512-bit FMA units, no bf16 instructions
+    ({"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}, 6, 64e9, 1024e9),  # Intel with AMX
+    ({"avx2", "fma"}, 6, 32e9, 32e9),
+])
+def test_cpu_peak_datasheet_figures(monkeypatch, flags, family, fp32, bf16):
+    """cores x clock x FLOPs per cycle, hand-computed for 1 core at 1 GHz (the measured floor set to 0)."""
+    from lbr_ray.train import flops
+
+    monkeypatch.setattr(flops, "cpu_info", lambda: (flags, family, 1000.0))
+    monkeypatch.setattr(flops, "matmul_flops_per_core", lambda dtype: 0.0)
+    assert flops.cpu_peak_flops(1) == fp32 and flops.cpu_peak_flops(1, torch.bfloat16) == bf16
+
+
+def test_cpu_peak_is_never_below_a_measured_matmul(monkeypatch):
+    """A VM's nominal clock can sit below the boost clock: the peak is at least what a core measures."""
+    from lbr_ray.train import flops
+
+    monkeypatch.setattr(flops, "cpu_info", lambda: ({"avx2", "fma"}, 6, 1.0))  # a 1 MHz "clock"
+    for dtype in (torch.float32, torch.bfloat16):
+        measured = flops.matmul_flops_per_core(dtype)
+        assert measured > 1e9 and flops.cpu_peak_flops(2, dtype) == 2 * measured
+
+
 @pytest.mark.parametrize("overrides, dtype, peak", [
     (["deepspeed.bf16=true", "model.dtype=float32"], "bfloat16", 989e12),
     (["deepspeed.bf16=false", "model.dtype=float32"], "float32", 67e12),

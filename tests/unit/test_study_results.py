@@ -163,7 +163,8 @@ def test_the_baselines_are_what_lbr_eval_scores():
                                                                                                 "base"))
     methods = baseline_methods(cfg, spec)
     assert isinstance(methods["bm25"], BM25Retriever) and methods["minilm"] == minilm_ref()
-    assert methods["base"] == base_ref(cfg.model.name, True, max_length=cfg.data.max_input_tokens)
+    assert methods["base"] == base_ref(cfg.model.name, True, max_length=cfg.data.max_input_tokens,
+                                       dtype=cfg.model.dtype)
 
 
 def test_the_committed_spec_resolves_in_a_clone_elsewhere(tmp_path):

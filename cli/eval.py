@@ -79,8 +79,7 @@ def eval_command(
 
         raise typer.Exit(submit_as_job(sys.argv[1:], cluster=cluster, address=address))
     from lbr_ray.errors import ConfigError
-    from lbr_ray.eval.baselines import BASELINES, BM25Retriever, base_ref, minilm_ref
-    from lbr_ray.eval.encode import load_encoder
+    from lbr_ray.eval.baselines import BASELINES, retrieval_method
     from lbr_ray.eval.evaluator import (EvalOptions, RetrievalEvaluator, default_cache_dir, resolve_data_root,
                                         resolve_split)
     from lbr_ray.eval.report import write_reports
@@ -110,16 +109,8 @@ def eval_command(
         from lbr_ray.hardware import bf16_is_fast
 
         dtype = "bfloat16" if bf16_is_fast("cpu" if gpu is False else None) else "float32"
-    if baseline == "bm25":
-        method, name = BM25Retriever(threads=max(num_workers, 1)), "bm25"
-    elif baseline == "minilm":
-        method, name = minilm_ref(max_length), "minilm (all-MiniLM-L6-v2" + (f", max {max_length} tokens)"
-                                                                         if max_length else ")")
-    elif baseline == "base":
-        method, name = base_ref(model, from_scratch, max_length=max_length or 256, dtype=dtype), f"base {model}"
-    else:
-        method = load_encoder(model, dtype=dtype, **({"max_length": max_length} if max_length else {}))
-        name = str(model)
+    method, name = retrieval_method(baseline, model, from_scratch, max_length, threads=max(num_workers, 1),
+                                    dtype=dtype)
     if baseline in (None, "base") and method.kind != "st":
         name += f" ({dtype})"
     typer.echo(f"lbr eval: {name} on {', '.join(names)} from {opts.data_root}")

@@ -46,7 +46,9 @@ def eval_command(
                                               rich_help_panel=Panel)] = "",
     num_workers: Annotated[int, typer.Option("--num-workers", "-n", help="Encoder actors and search shards "
                                              "(0 = in this process, no Ray).", rich_help_panel=Panel)] = 2,
-    batch_size: Annotated[int, typer.Option(help="Texts per encoder forward pass.", rich_help_panel=Panel)] = 64,
+    batch_size: Annotated[Optional[int], typer.Option(help="Texts per encoder forward pass (default: 16 on CPUs, "
+                                                      "64 on GPUs).", rich_help_panel=Panel, show_default=False)]
+        = None,
     max_queries: Annotated[Optional[int], typer.Option(help="Cap the queries per domain (deterministic sample).",
                                                        rich_help_panel=Panel, show_default=False)] = None,
     max_corpus: Annotated[Optional[int], typer.Option(help="Cap the corpus per domain (positives are kept).",
@@ -91,7 +93,7 @@ def eval_command(
         problems.append("--model is required (or pass --baseline bm25|minilm)")
     if dtype not in ("auto", "float32", "bfloat16"):
         problems.append(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
-    if num_workers < 0 or batch_size < 1:
+    if num_workers < 0 or (batch_size is not None and batch_size < 1):
         problems.append("--num-workers must be >= 0 and --batch-size >= 1")
     if (max_queries is not None and max_queries < 1) or (max_corpus is not None and max_corpus < 1):
         problems.append("--max-queries and --max-corpus must be >= 1")

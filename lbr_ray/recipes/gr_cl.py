@@ -111,10 +111,13 @@ def cached_step(engine, batch: dict) -> dict[str, torch.Tensor]:
     return out
 
 
-def dev_eval(encoder: Encoder, dev: dict, batch_size: int = 64, rank: int = 0, world: int = 1) -> dict[str, float]:
+def dev_eval(encoder: Encoder, dev: dict, batch_size: int | None = None, rank: int = 0,
+             world: int = 1) -> dict[str, float]:
     """R@10 / NDCG@10 on the small in-domain dev set; the ranks encode a share each (see `encode_shared`)."""
     from lbr_ray.eval.metrics import dev_metrics, retrieve_exact
+    from lbr_ray.hardware import encode_batch_size
 
+    batch_size = batch_size or encode_batch_size(torch.cuda.is_available())
     emb = encode_shared(encoder, dev["queries"] + dev["docs"], batch_size, rank, world)
     q, d = emb[: len(dev["queries"])], emb[len(dev["queries"]):]
     top = retrieve_exact(q, d, k=10)[1]

@@ -21,7 +21,7 @@ Examples:
 
   lbr study --output runs/study-medical --resume        # continue: finished cells are not rerun
 
-  lbr study --config configs/study/study-smollm2.yaml --target medical --heldout biology --baselines bm25,minilm,base
+  lbr study --config configs/smollm2-135m-medical.yaml --target medical --heldout biology --baselines bm25,minilm,base
             --test-max-queries 500 --test-max-corpus 5000 --output runs/study-smollm2-medical
             --results benchmarks/results/study_smollm2_medical --commit   # each finished cell committed
 

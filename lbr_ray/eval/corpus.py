@@ -25,6 +25,7 @@ import numpy as np
 from lbr_ray.config.schema import SplitConfig
 from lbr_ray.data.readers import read_all
 from lbr_ray.data.split import text_key
+from lbr_ray.eval.encode import EncodeUDF, _fetch_cache, _publish, _ShardWriter, _tmp_folder, gpu_share, read_cache
 from lbr_ray.eval.sets import EvalSetError, _by_hash, _split_queries, difficulty, domain_dir
 
 SPILL_ROWS = 65_536  # passages per parquet part of a spilled corpus
@@ -105,8 +106,6 @@ def build_streamed_set(data_root: str | Path, domains: tuple[str, ...], cache_di
     if (folder / MANIFEST).is_file():
         return _load(folder)
     start = time.perf_counter()
-    from lbr_ray.eval.encode import _publish, _tmp_folder
-
     tmp = _tmp_folder(folder)
     tmp.mkdir(parents=True)
     try:
@@ -246,7 +245,6 @@ def encode_streamed(ref, sset: StreamedSet, cache_dir: str | Path, num_workers: 
     cache. The texts go from the parquet parts to the encoder actors; the driver holds one part of embeddings at
     a time. num_workers=0 encodes in this process."""
     from lbr_ray import storage
-    from lbr_ray.eval.encode import _fetch_cache, _ShardWriter, read_cache
 
     fingerprint = fingerprint or ref.fingerprint
     remote = str(cache_dir) if storage.is_remote(cache_dir) else None
@@ -301,10 +299,15 @@ def _passage_batch(batch: dict) -> dict:
             "text": np.asarray(batch["text"], dtype=object), "role": np.full(n, "passage")}
 
 
+class _PassageUDF(EncodeUDF):
+    """The encoder actors' callable for spilled (row, text) batches."""
+
+    def __call__(self, batch: dict) -> dict:
+        return super().__call__(_passage_batch(batch))
+
+
 def _encode_local(ref, files: list[str], batch_size: int, rows_per_call: int = 1024):
     import pyarrow.parquet as pq
-
-    from lbr_ray.eval.encode import EncodeUDF
 
     udf = EncodeUDF(ref, batch_size)
     for f in files:
@@ -319,17 +322,17 @@ def _encode_ray(ref, files: list[str], n: int, batch_size: int, num_workers: int
     import ray
     import ray.data
 
-    from lbr_ray.eval.encode import EncodeUDF, gpu_share
-
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cpus = 1 if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
     per_batch = max(1, min(1024, -(-n // (num_workers * 4))))
-    ds = ray.data.read_parquet(files, columns=["row", "text"]).map_batches(_passage_batch, batch_format="numpy")
+    ds = ray.data.read_parquet(files, columns=["row", "text"], num_cpus=0)
     ds = ds.map_batches(
-        EncodeUDF, fn_constructor_kwargs={"ref": ref, "batch_size": batch_size, "threads": cpus},
+        _PassageUDF, fn_constructor_kwargs={"ref": ref, "batch_size": batch_size, "threads": cpus},
         batch_size=per_batch, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_workers),
-        num_gpus=gpu_share(num_workers) if use_gpu else 0, num_cpus=cpus,
+        # the actors ask for half their threads' CPUs: Ray Data keeps part of the cluster for the read operator,
+        # and actors holding every CPU stalled the reads (2 CPUs: 2 actors of 1 hung, of 0.5 ran)
+        num_gpus=gpu_share(num_workers) if use_gpu else 0, num_cpus=cpus / 2,
     )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         emb = batch["emb"]

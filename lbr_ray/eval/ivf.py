@@ -107,7 +107,7 @@ def plan_index(n: int, dim: int, k: int = 100, budget: int | None = None, use_gp
         raise CorpusIndexError(f"the vectors ({_gib(n * flat)}) exceed --index-memory {_gib(budget)} and their size "
                                f"{dim} has no PQ split (a multiple of 8); raise --index-memory")
     code = m if use_gpu else m // 2
-    while m > 8 and n * (code + 8) > budget and pq_size(m) and dim % (m // 2) == 0:
+    while m > 8 and n * (code + 8) > budget:  # halving keeps m a divisor of dim
         m //= 2
         code = m if use_gpu else m // 2
     if n * (code + 8) > budget:
@@ -266,15 +266,14 @@ class IVFShard:
             out.append(_pad(np.where(rows >= 0, scores, -np.inf).astype(np.float32), rows.astype(np.int64), k))
         return merge_topk(out, k)
 
-    def _exact_scores(self, q: np.ndarray, rows: np.ndarray, block: int = 128) -> np.ndarray:
+    def _exact_scores(self, q: np.ndarray, rows: np.ndarray, block: int = 64) -> np.ndarray:
+        """Each query's inner product with its own candidates' stored vectors ([Q, depth]; -inf for row -1)."""
         out = np.full(rows.shape, -np.inf, dtype=np.float32)
         for s in range(0, len(q), block):
             cand = rows[s:s + block]
-            uniq = np.unique(cand[cand >= 0])
-            if len(uniq):
-                sims = q[s:s + block] @ self.data.vectors(uniq).T  # [b, U]
-                got = np.take_along_axis(sims, np.searchsorted(uniq, np.maximum(cand, 0)), axis=1)
-                out[s:s + block] = np.where(cand >= 0, got, -np.inf)
+            uniq, pos = np.unique(np.maximum(cand, 0), return_inverse=True)
+            vecs = self.data.vectors(uniq)[pos.reshape(cand.shape)]  # [b, depth, D]
+            out[s:s + block] = np.where(cand >= 0, np.matmul(vecs, q[s:s + block, :, None])[..., 0], -np.inf)
         return out
 
     def exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -330,12 +329,13 @@ class CorpusIndex:
     """
 
     def __init__(self, folder: str | Path, parts: list[str], plan: IndexPlan, num_workers: int = 1,
-                 use_gpu: bool = False, threads: int = 0, seed: int = 0, log=print):
+                 use_gpu: bool = False, threads: int = 0, seed: int = 0, log=print, num_shards: int | None = None):
+        """num_shards: shards to fill (default one per worker); saved shards are spread over the workers."""
         self.plan, self.folder, self.log = plan, Path(folder), log
         self.num_workers, self.use_gpu, self.threads = num_workers, use_gpu, threads
         self.actors, self.local, self.params = [], [], ""
         self.info: dict = {"spec": plan.spec, "plan": asdict(plan), "reused": False}
-        shards = max(num_workers, 1)
+        shards = num_shards or max(num_workers, 1)
         if plan.spec == "exact":
             self._start([(g, []) for g in assign_parts(folder, parts, shards)])
             return
@@ -345,7 +345,8 @@ class CorpusIndex:
             self.info.update(self._build(where, parts, shards, seed))
             return
         saved = manifest["shards"]  # every shard reads its saved files (round robin when the worker count changed)
-        groups = [saved[i::shards] for i in range(min(shards, len(saved)))]
+        readers = num_shards or max(num_workers, 1)
+        groups = [saved[i::readers] for i in range(min(readers, len(saved)))]
         start = time.perf_counter()
         self._start([(sum((s["parts"] for s in g), []), [str(where / s["file"]) for s in g]) for g in groups])
         self.info.update(manifest, reused=True, load_seconds=round(time.perf_counter() - start, 2), folder=str(where))

@@ -132,7 +132,29 @@ def group_shards(shards: list[tuple[np.ndarray, np.ndarray]], num_shards: int) -
     return [(np.concatenate([np.asarray(e) for e, _ in g]), np.concatenate([r for _, r in g])) for g in groups if g]
 
 
-class ShardedIndex:
+class ShardGroup:
+    """Shards held in this process (`local`) or as Ray actors (`actors`); closing (or leaving `with`) kills the
+    actors."""
+
+    actors: list
+    local: list
+
+    def close(self) -> None:
+        if self.actors:
+            import ray
+
+            for a in self.actors:
+                ray.kill(a)
+        self.actors, self.local = [], []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ShardedIndex(ShardGroup):
     """Search shards built once and searched many times: Ray actors (num_workers >= 1) or in-process (0).
 
         with ShardedIndex(shards, "IVF256,Flat", "nprobe=8", num_workers=2) as index:
@@ -180,20 +202,6 @@ class ShardedIndex:
 
         q_ref = ray.put(q)
         return merge_topk(ray.get([a.search.remote(q_ref, k) for a in self.actors]), k)  # shards in parallel
-
-    def close(self) -> None:
-        if self.actors:
-            import ray
-
-            for a in self.actors:
-                ray.kill(a)
-        self.actors, self.local = [], []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def search_shards(shards: list[tuple[np.ndarray, np.ndarray]], q: np.ndarray, k: int, spec: str = "Flat",

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from lbr_ray.errors import LbrError
-from lbr_ray.eval.index import _pad, merge_topk
+from lbr_ray.eval.index import ShardGroup, _pad, merge_topk
 
 MANIFEST = "manifest.json"  # written last into an index folder: only folders holding it are reused
 EXACT_MAX_ROWS = 50_000  # below this, chunked exact search is fast enough that an ANN index does not pay off
@@ -192,8 +192,9 @@ def read_sample(folder: str | Path, parts: list[str], size: int, seed: int = 0) 
     return np.ascontiguousarray(np.concatenate(out))
 
 
-def train_index(spec: str, sample: np.ndarray, threads: int = 0) -> bytes:
-    """Train an empty FAISS index (inner product) on `sample`; returns it serialised (shipped to every shard)."""
+def train_index(spec: str, sample: np.ndarray, threads: int = 0, use_gpu: bool = False) -> bytes:
+    """Train an empty FAISS index (inner product) on `sample`, on a GPU where asked and visible; returns it
+    serialised (the CPU form, shipped to every shard)."""
     import faiss
 
     if threads:
@@ -202,7 +203,13 @@ def train_index(spec: str, sample: np.ndarray, threads: int = 0) -> bytes:
         index = faiss.index_factory(sample.shape[1], spec, faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as e:
         raise CorpusIndexError(f"bad FAISS index string {spec!r} ({str(e).strip().splitlines()[-1][:160]})") from None
-    index.train(sample)
+    if use_gpu and faiss.get_num_gpus() > 0:
+        gpu = _to_gpu(index, faiss.StandardGpuResources())
+        if gpu is not index:  # k-means (and PQ training) on the GPU
+            gpu.train(sample)
+            index = faiss.index_gpu_to_cpu(gpu)
+    if not index.is_trained:
+        index.train(sample)
     return faiss.serialize_index(index).tobytes()
 
 
@@ -320,7 +327,7 @@ def index_folder(embeddings: Path, plan: IndexPlan, seed: int) -> Path:
     return embeddings.with_name(f"{embeddings.name}.ivf-{key}")
 
 
-class CorpusIndex:
+class CorpusIndex(ShardGroup):
     """The sharded index of one cache folder, built (and saved) or read back, searched as one index.
 
         with CorpusIndex(docs.folder, docs.parts, plan, num_workers=2) as index:
@@ -374,13 +381,16 @@ class CorpusIndex:
 
         start = time.perf_counter()
         size = train_sample_size(self.plan)
+        threads = self.threads * shards if self.threads else 0  # nothing else runs while it trains: every thread
         if self.num_workers == 0:
-            trained = train_index(self.plan.spec, read_sample(self.folder, parts, size, seed), self.threads)
+            trained = train_index(self.plan.spec, read_sample(self.folder, parts, size, seed), threads,
+                                  self.use_gpu)
         else:  # in a Ray task: the driver never holds the sample
             import ray
 
             task = ray.remote(_train_from_disk).options(num_cpus=self.threads or 1, num_gpus=int(self.use_gpu))
-            trained = ray.get(task.remote(str(self.folder), parts, self.plan.spec, size, seed, self.threads))
+            trained = ray.get(task.remote(str(self.folder), parts, self.plan.spec, size, seed, threads,
+                                          self.use_gpu))
         train_s = time.perf_counter() - start
         self.log(f"  index {self.plan.spec}: trained on {size} sampled passages in {train_s:.0f}s, filling "
                  f"{shards} shard(s) from {self.folder}")
@@ -439,23 +449,10 @@ class CorpusIndex:
         """Resident memory of each shard's process (in-process shards: the driver's)."""
         return self._call("rss")
 
-    def close(self) -> None:
-        if self.actors:
-            import ray
 
-            for a in self.actors:
-                ray.kill(a)
-        self.actors, self.local = [], []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def _train_from_disk(folder: str, parts: list[str], spec: str, size: int, seed: int, threads: int) -> bytes:
-    return train_index(spec, read_sample(folder, parts, size, seed), threads)
+def _train_from_disk(folder: str, parts: list[str], spec: str, size: int, seed: int, threads: int,
+                     use_gpu: bool = False) -> bytes:
+    return train_index(spec, read_sample(folder, parts, size, seed), threads, use_gpu)
 
 
 def _read_manifest(folder: Path) -> dict | None:

@@ -3,6 +3,7 @@
 import gzip
 import json
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,8 @@ from lbr_ray.eval.encode import _ShardWriter
 from lbr_ray.eval.index import merge_topk
 from lbr_ray.eval.ivf import CorpusIndex, CorpusIndexError, IVFShard, parse_bytes, plan_index, spec_plan
 from lbr_ray.eval.metrics import retrieve_exact
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _clustered(n=6000, d=32, q=60, seed=0):
@@ -227,13 +230,13 @@ def test_evaluator_index_auto_end_to_end_in_process(tmp_path, monkeypatch):
     assert second["rows"][0]["ndcg@10"] == first["rows"][0]["ndcg@10"]
 
 
-def test_corpus_scale_options_refused_before_any_work(tmp_path):
-    from lbr_ray.errors import LbrError
-    from lbr_ray.eval.evaluator import EvalOptions, RetrievalEvaluator
-
-    for opts, needle in [(dict(index="auto", max_corpus=10), "--max-corpus cannot"),
-                         (dict(corpus="joint", index="HNSW32"), "IVF factory string"),
-                         (dict(index="auto", index_memory="lots"), "--index-memory"),
-                         (dict(corpus="everything"), "--corpus must be")]:
-        with pytest.raises(LbrError, match=needle):
-            RetrievalEvaluator(EvalOptions(domains=("nope",), num_workers=0, **opts)).evaluate(object(), "x")
+@pytest.mark.parametrize("args,needle", [
+    (["--index", "auto", "--index-memory", "lots"], "--index-memory 'lots'"),
+    (["--corpus", "joint", "--index", "HNSW32"], "IVF factory string"),
+    (["--index", "auto", "--max-corpus", "5"], "--max-corpus cannot"),
+    (["--corpus", "everything"], "--corpus must be domain or joint")])
+def test_cli_refuses_corpus_scale_options_before_any_work(lbr, tmp_path, args, needle):
+    code, err = lbr("eval", "--baseline", "bm25", "--domains", "medical", "--data-root", ROOT / "data" / "demo",
+                    "--num-workers", "0", "--cache-dir", tmp_path / "cache", "--output", tmp_path / "ev", *args)
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "ev").exists() and not (tmp_path / "cache").exists()

@@ -168,7 +168,9 @@ def main() -> None:
                      "ann_recall@10_heldout": dom["ann_recall@10"], "heldout_queries": dom.get("ann_recall_queries"),
                      "qps": round(dom["queries_per_s"], 1), "qps_exact_sample": round(dom["qps_exact"], 2),
                      "qps_ratio_vs_exact_sample": round(dom["qps_ratio_vs_exact"], 1),
-                     "worker_rss_gib": [round(r / 2 ** 30, 3) for r in dom["worker_rss"]],
+                     "shard_rss_gib": [round(m["rss"] / 2 ** 30, 3) for m in dom["worker_memory"]],
+                     "shard_rss_file_backed_gib": [round(m["file_backed"] / 2 ** 30, 3) for m in dom["worker_memory"]],
+                     "exact_reference": dom["exact_reference"],
                      "auto_trace": dom["auto_trace"], "recall@10_qrels": dom["rows"][0]["recall@10"]})
         print(json.dumps({k: v for k, v in runs[-1].items() if k != "auto_trace"}), flush=True)
         top = dom["top"]
@@ -192,7 +194,8 @@ def main() -> None:
         "qps_index": first["qps"], "qps_exact_chunked": round(qps_exact, 2),
         "speedup_vs_exact": round(first["qps"] / qps_exact, 1), "goal_speedup": 20,
         "driver_peak_rss_gib": runs[-1]["driver_peak_rss_gib"], "goal_rss_gib": 4,
-        "shard_rss_gib": first["worker_rss_gib"], "build_seconds": first["index_build"]["build_seconds"],
+        "shard_rss_gib": first["shard_rss_gib"], "shard_rss_file_backed_gib": first["shard_rss_file_backed_gib"],
+        "build_seconds": first["index_build"]["build_seconds"],
         "train_seconds": first["index_build"]["train_seconds"], "fill_seconds": first["index_build"]["fill_seconds"],
         "bytes_per_vector": first["index_build"]["bytes_per_vector"], "index": first["index"],
         "index_params": first["index_params"], "second_run_encoded": runs[1]["encoded_passages"],

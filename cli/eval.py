@@ -64,6 +64,9 @@ def eval_command(
                                                       rich_help_panel=Panel, show_default=False)] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Truncate texts to this many tokens (minilm/base).",
                                                       rich_help_panel=Panel, show_default=False)] = None,
+    dtype: Annotated[str, typer.Option(help="Compute dtype of a trained or base model: auto (bfloat16 where this "
+                                       "machine runs it fast: a CPU with AVX512-BF16/AMX or a bf16 GPU; else "
+                                       "float32), float32 or bfloat16.", rich_help_panel=Panel)] = "auto",
     cache_dir: Annotated[Optional[str], typer.Option(help="Embedding cache, a folder or an s3:// / gs:// URI "
                                                      "(default ~/.cache/lbr-ray/embeddings or $LBR_CACHE/embeddings).",
                                                      show_default=False)] = None,
@@ -98,6 +101,8 @@ def eval_command(
         problems.append(f"--baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
     if baseline in (None, "base") and not model:
         problems.append("--model is required (or pass --baseline bm25|minilm)")
+    if dtype not in ("auto", "float32", "bfloat16"):
+        problems.append(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
     if num_workers < 0 or batch_size < 1:
         problems.append("--num-workers must be >= 0 and --batch-size >= 1")
     if (max_queries is not None and max_queries < 1) or (max_corpus is not None and max_corpus < 1):
@@ -112,15 +117,22 @@ def eval_command(
                        num_workers=num_workers, batch_size=batch_size, max_queries=max_queries,
                        max_corpus=max_corpus, cache_dir=str(cache_dir or default_cache_dir()), use_gpu=gpu,
                        address=address, split=split_cfg, index_memory=index_memory, corpus=corpus)
+    if dtype == "auto":
+        from lbr_ray.hardware import bf16_is_fast
+
+        dtype = "bfloat16" if bf16_is_fast("cpu" if gpu is False else None) else "float32"
     if baseline == "bm25":
         method, name = BM25Retriever(threads=max(num_workers, 1)), "bm25"
     elif baseline == "minilm":
         method, name = minilm_ref(max_length), "minilm (all-MiniLM-L6-v2" + (f", max {max_length} tokens)"
                                                                          if max_length else ")")
     elif baseline == "base":
-        method, name = base_ref(model, from_scratch, max_length=max_length or 256), f"base {model}"
+        method, name = base_ref(model, from_scratch, max_length=max_length or 256, dtype=dtype), f"base {model}"
     else:
-        method, name = load_encoder(model, **({"max_length": max_length} if max_length else {})), str(model)
+        method = load_encoder(model, dtype=dtype, **({"max_length": max_length} if max_length else {}))
+        name = str(model)
+    if baseline in (None, "base") and method.kind != "st":
+        name += f" ({dtype})"
     typer.echo(f"lbr eval: {name} on {', '.join(names)} from {opts.data_root}")
     typer.echo(f"lbr eval: test queries from {split_from}: key {split_cfg.key}, bucket mod {split_cfg.modulus} in "
                f"{list(split_cfg.test_buckets)}")

@@ -20,6 +20,8 @@ Examples:
             --set tune.ib_gl_steps=50 --set tune.gr_cl_steps=50 --test-max-queries 200 --output runs/study-small
 
   lbr study --output runs/study-medical --resume        # continue: finished cells are not rerun
+
+  lbr study --output runs/study-medical --rescore       # recompute the significance from the TREC runs
 """
 
 
@@ -46,8 +48,10 @@ def study_command(
                                                            show_default=False)] = None,
     eval_workers: Annotated[int, typer.Option(help="Encoder actors per cell evaluation (0 = in the cell's "
                                               "process).")] = 0,
-    stat_test: Annotated[str, typer.Option(help="ranx.compare test: fisher (randomization) or student (paired "
-                                           "t-test).")] = "fisher",
+    rescore: Annotated[bool, typer.Option("--rescore", help="Recompute the significance of the ended study in "
+                                          "--output from its TREC runs (no training).")] = False,
+    stat_test: Annotated[str, typer.Option(help="Paired test over queries: fisher (randomization) or student "
+                                           "(paired t-test).")] = "fisher",
     max_p: Annotated[float, typer.Option(help="p-value at or below which a difference is called significant.")]
         = 0.05,
     overrides: SetOpt = None,
@@ -59,8 +63,17 @@ def study_command(
 ) -> None:
     """Does LBR help? A variant x seed grid of real two-stage runs on a target domain (Ray Tune), each evaluated on
     the target's test split and held-out domains (TREC run files); mean +- std over seeds, significance of LBR
-    minus each variant (ranx.compare, paired over queries), results.{md,json,csv} and study.png."""
+    minus each variant (paired over queries, each query's R@10 averaged over the seeds), results.{md,json,csv} and
+    study.png."""
     t0 = time.time()
+    if rescore:
+        from lbr_ray.errors import ConfigError
+        from lbr_ray.tune.study import rescore as rescore_study
+
+        if output is None or config is not None or target is not None or resume:
+            raise ConfigError("--rescore recomputes the significance of an ended study: pass only --output")
+        rescore_study(output)
+        return
     if cluster or (address and address.startswith(("http://", "https://"))):
         from lbr_ray.cluster.jobs import submit_as_job
 

@@ -141,6 +141,19 @@ def pack(rows: Sequence[Row], length: int) -> list[Row]:
     return [([t for i in b for t in rows[i][0]], [s for i in b for s in rows[i][1]]) for b in bins]
 
 
+def length_groups(lengths, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """The full batches of one megabatch (row indices), each of rows of similar length, in a random order: HF
+    Trainer's `group_by_length`. `lengths` is [n] or [n, columns] (e.g. query and positive rows, each padded on its
+    own): rows sort by the column that is longest on average, ties by the next. Sorting within a megabatch of
+    several batches keeps padding low while the batches still mix lengths from step to step; rows past the last
+    full batch are dropped, as drop_last does."""
+    lengths = np.asarray(lengths).reshape(len(lengths), -1)
+    keys = lengths[:, np.argsort(-lengths.mean(0), kind="stable")]
+    order = np.lexsort(keys.T[::-1])  # lexsort's last key is the primary one
+    batches = [order[s: s + batch_size] for s in range(0, len(order) // batch_size * batch_size, batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
 def padding_fraction(lengths: Sequence[int], batch_size: int, pad_to: int | None = None) -> float:
     """Share of padding tokens when consecutive rows of these lengths form batches padded to their longest row
     (or to `pad_to`); the last incomplete batch is dropped, as training does."""

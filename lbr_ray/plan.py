@@ -127,11 +127,16 @@ class Plan:
 
 
 def stage_rows(cfg: LbrConfig, stage: str) -> tuple[int, int, int]:
-    """(rows per micro-batch, tokens per row at the longest, scored positions per micro-batch) of a stage."""
+    """(rows per micro-batch, tokens per row at the longest, scored positions per micro-batch) of a stage. Packed
+    IB-GL rows are `ib_gl.pack_length` long, their targets the longest unit's share of the row."""
+    from lbr_ray.config.load import pack_length
+    from lbr_ray.layout import max_unit_length
+
     d, b = cfg.data, cfg.bottleneck
     if stage == "ib_gl":
-        rows, length = cfg.ib_gl.batch_size, 1 + d.max_input_tokens + b.k_max + d.max_target_tokens
-        return rows, length, rows * d.max_target_tokens
+        unit = max_unit_length(d.max_input_tokens, d.max_target_tokens, b.k_max)
+        rows, length = cfg.ib_gl.batch_size, pack_length(cfg) or unit
+        return rows, length, rows * round(d.max_target_tokens * length / unit)
     rows = cfg.gr_cl.batch_size * (2 + cfg.gr_cl.hard_negatives)
     length = 1 + d.max_input_tokens + b.k_max
     scored = cfg.gr_cl.batch_size * d.max_target_tokens if cfg.gr_cl.gen_weight > 0 else 0
@@ -142,7 +147,9 @@ def stage_rows(cfg: LbrConfig, stage: str) -> tuple[int, int, int]:
 
 def plan_stage(cfg: LbrConfig, s: Shape, stage: str, workers: int, gpu_bytes: float | None = None,
                with_advice: bool = True) -> Plan:
-    low = cfg.model.dtype in ("bfloat16", "float16") or cfg.deepspeed.bf16
+    from lbr_ray.config.load import compute_dtype
+
+    low = compute_dtype(cfg) != "float32"
     width = 2 if low else 4
     ds = cfg.deepspeed
     parts = model_state_bytes(s, width, low, ds.zero_stage, workers, ds.offload_optimizer)

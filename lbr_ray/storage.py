@@ -23,6 +23,12 @@ REMOTE = ("s3://", "gs://", "gcs://")
 TIMEOUT_S = 10.0  # connect/request timeout: an unreachable endpoint fails in seconds, not after minutes of retries
 
 
+def cache_root() -> Path:
+    """lbr-ray's local cache folder: $LBR_CACHE, else $XDG_CACHE_HOME/lbr-ray, else ~/.cache/lbr-ray."""
+    base = os.environ.get("LBR_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "lbr-ray")
+    return Path(base).expanduser()
+
+
 def is_remote(path: str | os.PathLike | None) -> bool:
     return str(path or "").startswith(REMOTE)
 

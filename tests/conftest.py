@@ -36,6 +36,62 @@ def tiny_llama_dir(tmp: Path, layers: int) -> Path:
     return tmp
 
 
+def write_tiny_gguf(out: Path, arch: str = "llama", seed: int = 0):
+    """The bundled tiny Llama (random weights, seeded) written as a float32 GGUF file the way llama.cpp's
+    convert_hf_to_gguf.py writes a Llama (Q/K rows permuted, gpt2-style BPE tokenizer); returns the HF model."""
+    import json
+
+    import gguf
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    def permute(w, n_head):  # HF's rotary halves -> GGUF's interleaved pairs
+        return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    cfg = AutoConfig.from_pretrained(TINY)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    w = gguf.GGUFWriter(str(out), arch)
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_vocab_size(cfg.vocab_size)
+    w.add_rope_dimension_count(cfg.head_dim)
+    tj = json.loads((TINY / "tokenizer.json").read_text())
+    vocab = sorted(tj["model"]["vocab"].items(), key=lambda kv: kv[1])
+    special = {t["id"] for t in tj["added_tokens"]}
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list([t for t, _ in vocab])
+    w.add_token_types([3 if i in special else 1 for _, i in vocab])  # 3 = control
+    w.add_token_merges([" ".join(m) for m in tj["model"]["merges"]])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_pad_token_id(0)
+    layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
+    for i in range(cfg.num_hidden_layers):
+        for hf, name in layer.items():
+            t = sd[f"model.layers.{i}.{hf}.weight"]
+            if name in ("attn_q", "attn_k"):
+                t = permute(t, cfg.num_attention_heads if name == "attn_q" else cfg.num_key_value_heads)
+            w.add_tensor(f"blk.{i}.{name}.weight", t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return model
+
+
 @pytest.fixture(scope="session")
 def demo_dir() -> Path:
     return DEMO

@@ -112,6 +112,13 @@ def validate(cfg: LbrConfig) -> list[str]:
             problems.append(f"{stage}.lr must be > 0, got {s.lr}")
     if cfg.gr_cl.temperature <= 0:
         problems.append(f"gr_cl.temperature must be > 0, got {cfg.gr_cl.temperature}")
+    if cfg.gr_cl.length_groups < 0:
+        problems.append(f"gr_cl.length_groups must be >= 0 (0 = off), got {cfg.gr_cl.length_groups}")
+    if cfg.model.attn_implementation not in ("", "sdpa", "eager"):
+        problems.append(f"model.attn_implementation={cfg.model.attn_implementation!r} is not one of "
+                        "['sdpa', 'eager'] ('' = the backend's own)")
+    elif cfg.model.attn_implementation and cfg.model.attn_backend == "flex":
+        problems.append("model.attn_implementation is for the dense and kv_split backends; flex runs FlexAttention")
     if cfg.model.attn_backend == "flex" and not cfg.scaling.use_gpu:
         problems.append("model.attn_backend=flex trains only on GPU (FlexAttention has no CPU backward); "
                         "use dense or kv_split on CPU")
@@ -151,6 +158,12 @@ def pack_length(cfg: LbrConfig) -> int | None:
 
     return cfg.ib_gl.pack_length or max_unit_length(cfg.data.max_input_tokens, cfg.data.max_target_tokens,
                                                     cfg.bottleneck.k_max)
+
+
+def compute_dtype(cfg: LbrConfig) -> str:
+    """The dtype training computes in: bfloat16 under `deepspeed.bf16` (DeepSpeed casts the model, whatever
+    `model.dtype`), else `model.dtype`. MFU's peak and `lbr plan`'s bytes per weight follow it."""
+    return "bfloat16" if cfg.deepspeed.bf16 else cfg.model.dtype
 
 
 def _validate_tune(cfg: LbrConfig) -> list[str]:

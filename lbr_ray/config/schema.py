@@ -10,6 +10,8 @@ class ModelConfig:
     from_scratch: bool = False  # build random weights from the config (tiny test/demo models)
     dtype: str = "float32"  # float32 | bfloat16 | float16
     attn_backend: str = "dense"  # dense | flex | kv_split: how the IB mask is applied
+    attn_implementation: str = ""  # HF attention kernel for dense / kv_split: sdpa | eager ("" = sdpa; in bf16 on
+    #                                 CPU eager is faster: benchmarks/results/cpu_speed.json)
     lora: bool = True  # LoRA via peft (plus trainable bottleneck rows); False = full fine-tuning
     lora_r: int = 16
     lora_alpha: int = 32
@@ -90,6 +92,8 @@ class GRCLConfig(StageConfig):
     symmetric: bool = False
     hard_negatives: int = 0  # negatives per query taken from the pairs' `negatives` field
     gather: bool = True  # gather positives across workers (negatives grow with workers)
+    length_groups: int = 0  # > 1: sort each run of this many batches by length before batching (less padding,
+    #                         HF Trainer's group_by_length uses 50); 0 = batches as the shuffled stream comes
     gen_weight: float = 0.0  # lambda for the IB loss on query -> positive
     eval_every: int = 50  # dev R@10 every N steps (0 = only at the end)
     eval_queries: int = 200  # dev queries for the in-training R@10

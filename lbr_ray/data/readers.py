@@ -184,24 +184,59 @@ def _iter_table(path: str) -> Iterator[tuple[int, object]]:
 
 def iter_records(path: str, kind: str, on_bad: str = "error", bad: BadRecords | None = None,
                  max_bytes: int = MAX_RECORD_BYTES) -> Iterator[dict]:
-    """Yield checked records of one file, each with `_file` and `_line` for later error messages."""
+    """Yield checked records of one file, each with `_file` and `_line` for later error messages. A small local
+    file is parsed once per process (`_parsed`): a run's driver reads its data for the summary, stage 1, the dev
+    set and stage 2, and every read after the first replays the same records and errors."""
+    for line, item in _parsed(path, kind, max_bytes):
+        if not isinstance(item, DataError):
+            yield dict(item)  # a copy: callers may add fields
+            continue
+        if on_bad == "error":
+            raise item
+        if bad is not None:
+            bad.add(item)
+
+
+MEMO_BYTES = 32 << 20  # on-disk bytes of local files whose parsed records this process keeps
+_memo: dict[tuple, list] = {}
+
+
+def _parsed(path: str, kind: str, max_bytes: int) -> Iterator[tuple[int, dict | DataError]] | list:
+    """(line, record or DataError) of a file: from this process's memo (local files, keyed by size and mtime, at
+    most MEMO_BYTES on disk in all, oldest dropped first), else parsed as it streams."""
+    key = None
+    if not is_remote(path):
+        try:
+            st = os.stat(path)
+        except OSError:
+            st = None
+        if st is not None and st.st_size <= MEMO_BYTES:
+            key = (os.path.abspath(path), kind, max_bytes, st.st_size, st.st_mtime_ns)
+            if key in _memo:
+                return _memo[key]
+    items = _parse(path, kind, max_bytes)
+    if key is None:
+        return items
+    items = list(items)
+    while _memo and sum(k[3] for k in _memo) + key[3] > MEMO_BYTES:
+        _memo.pop(next(iter(_memo)))
+    _memo[key] = items
+    return items
+
+
+def _parse(path: str, kind: str, max_bytes: int) -> Iterator[tuple[int, dict | DataError]]:
     check = CHECKS[kind]
     for line, obj in iter_raw(path, max_bytes):
         if isinstance(obj, DataError):
-            err = obj
-        else:
-            try:
-                record = check(obj)
-            except ValueError as e:
-                err = DataError(path, line, f"bad {kind} record: {e}")
-            else:
-                record["_file"], record["_line"] = path, line
-                yield record
-                continue
-        if on_bad == "error":
-            raise err
-        if bad is not None:
-            bad.add(err)
+            yield line, obj
+            continue
+        try:
+            record = check(obj)
+        except ValueError as e:
+            yield line, DataError(path, line, f"bad {kind} record: {e}")
+            continue
+        record["_file"], record["_line"] = path, line
+        yield line, record
 
 
 def read_all(specs, kind: str, on_bad: str = "error", bad: BadRecords | None = None) -> Iterator[dict]:

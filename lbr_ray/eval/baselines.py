@@ -27,19 +27,23 @@ def minilm_ref(max_length: int | None = None) -> EncoderRef:
     return EncoderRef("st", str(minilm_path()), opts)
 
 
-def base_ref(model: str | Path, from_scratch: bool = False, seed: int = 0, max_length: int = 256) -> EncoderRef:
-    path = Path(model)
+def base_ref(model: str | Path, from_scratch: bool = False, seed: int = 0, max_length: int = 256,
+             dtype: str = "float32") -> EncoderRef:
+    from lbr_ray.model.gguf import cached_folder, is_gguf
+
+    path = cached_folder(model, "--model") if is_gguf(model) else Path(model)
     if not (path / "config.json").is_file():
-        raise LbrError(f"--baseline base needs --model pointing to an HF causal LM folder with config.json; "
-                       f"got {model}")
-    return EncoderRef("base", str(path), (("from_scratch", from_scratch), ("max_length", max_length), ("seed", seed)))
+        raise LbrError(f"--baseline base needs --model pointing to an HF causal LM folder with config.json or "
+                       f"a .gguf file; got {model}")
+    return EncoderRef("base", str(path), (("dtype", dtype), ("from_scratch", from_scratch), ("max_length", max_length),
+                                          ("seed", seed)))
 
 
 class CausalLMEncoder:
     """HF decoder-only LM, last-token pooling of the final hidden state, L2-normalised (right padding)."""
 
     def __init__(self, path: str, device: str | None = None, from_scratch: bool = False, seed: int = 0,
-                 max_length: int = 256):
+                 max_length: int = 256, dtype: str = "float32"):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -49,12 +53,13 @@ class CausalLMEncoder:
         self.tokenizer.padding_side = "right"
         if from_scratch:  # random weights from the config, identical in every worker
             torch.manual_seed(seed)
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True))
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path, local_files_only=True),
+                                                     dtype=getattr(torch, dtype))
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+            model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True, dtype=getattr(torch, dtype))
         self.model = model.base_model.eval().to(device or "cpu")  # the decoder stack, no LM head
         self.device, self.max_length = device or "cpu", max_length
-        self.fingerprint = fingerprint_path(path, f"base:{from_scratch}:{seed}:{max_length}")
+        self.fingerprint = fingerprint_path(path, f"base:{from_scratch}:{seed}:{max_length}:{dtype}")
 
     def encode(self, texts: list[str], batch_size: int = 32) -> np.ndarray:
         import torch

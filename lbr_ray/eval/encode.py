@@ -138,7 +138,7 @@ class EncoderRef:
 
             return CausalLMEncoder(self.path, device=device, **opts)
         if self.kind == "lbr":
-            enc = _lbr_encoder_class().from_pretrained(self.path, device=device)
+            enc = _lbr_encoder_class().from_pretrained(self.path, device=device, **opts)
             if not getattr(enc, "fingerprint", None):
                 enc.fingerprint = self.fingerprint
             return enc
@@ -159,10 +159,13 @@ def _lbr_encoder_class():
     return LbrEncoder
 
 
-def load_encoder(path_or_name: str | Path, **options) -> EncoderRef:
-    """An EncoderRef for a trained lbr-ray model folder (lbr_ray.json) or a sentence-transformers folder."""
+def load_encoder(path_or_name: str | Path, dtype: str | None = None, **options) -> EncoderRef:
+    """An EncoderRef for a trained lbr-ray model folder (lbr_ray.json), computing in `dtype` (None: the saved
+    weights' dtype), or a sentence-transformers folder (with `options`, e.g. max_length)."""
     kind, folder = resolve_model(path_or_name)
-    return EncoderRef(kind, str(folder), tuple(sorted(options.items())) if kind == "st" else ())
+    if kind == "lbr":
+        return EncoderRef(kind, str(folder), (("dtype", dtype),) if dtype else ())
+    return EncoderRef(kind, str(folder), tuple(sorted(options.items())))
 
 
 def object_ref(encoder: Encoder) -> EncoderRef:

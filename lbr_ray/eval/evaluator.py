@@ -27,8 +27,9 @@ GROUP_ORDER = ("all", "hard", "moderate", "easy")
 
 
 def default_cache_dir() -> str:
-    base = os.environ.get("LBR_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "lbr-ray")
-    return os.path.join(os.path.expanduser(base), "embeddings")
+    from lbr_ray.storage import cache_root
+
+    return str(cache_root() / "embeddings")
 
 
 @dataclass(frozen=True)
@@ -223,7 +224,7 @@ class RetrievalEvaluator:
         sample = q[np.random.default_rng(o.seed).permutation(len(q))[: min(len(q), 1000)]]
         with ShardedIndex(shards, "Flat", "", o.num_workers, use_gpu, threads) as flat:
             start = time.perf_counter()
-            _, exact = flat.search(q, k)
+            exact_scores, exact = flat.search(q, k)
             exact_s = time.perf_counter() - start
             _, exact_sample = flat.search(sample, 10)
         params, trace = "", []
@@ -232,7 +233,7 @@ class RetrievalEvaluator:
                 params, trace = tune_search_params(ann, sample, exact_sample, spec)
                 ann.set_params(params)
             start = time.perf_counter()
-            _, top = ann.search(q, k)
+            scores, top = ann.search(q, k)
             search_s = time.perf_counter() - start
         ratio = exact_s / max(search_s, 1e-9)
         used = "ann" if ratio >= 1 or is_exact(spec) else "exact"  # an ANN index slower than exact is not used
@@ -240,8 +241,8 @@ class RetrievalEvaluator:
                  f"(target {AUTO_TARGET} on {len(sample)} sample queries), {ratio:.2f}x the exact search's queries/s"
                  + ("" if used == "ann" else "; slower than exact search, so the exact results are used"))
         if used == "exact":
-            top, search_s = exact, exact_s
-        return {"top": top, "search_seconds": search_s, "encoded_passages": docs.encoded,
+            top, scores, search_s = exact, exact_scores, exact_s
+        return {"top": top, "scores": scores, "search_seconds": search_s, "encoded_passages": docs.encoded,
                 "encoded_queries": queries.encoded, "encode_pass_seconds": docs.seconds, "dim": docs.dim,
                 "index": spec, "index_params": params, "auto_trace": trace, "used": used,
                 "ann_recall@10": ann_recall(top, exact, min(10, k)), "ann_recall@100": ann_recall(top, exact, k),

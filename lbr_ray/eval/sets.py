@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,7 +49,7 @@ class EvalSet:
     query_types: list[str]
     query_difficulty: list[str]
     qrels: list[np.ndarray]
-    doc_ids: list[str]
+    doc_ids: list[str]  # one per passage (unique_ids): the TREC files' document ids
     doc_texts: list[str]
     n_distractors: int = 0
     notes: list[str] = field(default_factory=list)
@@ -61,6 +62,16 @@ class EvalSet:
     @property
     def queries_hash(self) -> str:
         return _hash_texts(self.queries)
+
+
+def unique_ids(ids: list[str], texts: list[str]) -> list[str]:
+    """One document id per passage, as TREC files write them (whitespace replaced): an id that several passages
+    share (the demo medical corpus has some) gets `~` + the first 12 hex digits of its passage's text key."""
+    from lbr_ray.eval.trec import doc_id
+
+    clean = [doc_id(i) for i in ids]
+    shared = {i for i, n in Counter(clean).items() if n > 1}
+    return [f"{i}~{text_key(t)[:12]}" if i in shared else i for i, t in zip(clean, texts)]
 
 
 def _hash_texts(texts: list[str]) -> str:
@@ -187,7 +198,8 @@ def _build(domain, pairs_src, corpus_src, split, max_queries, max_corpus, seed, 
         domain=domain, queries=queries,
         query_types=[grouped[q]["type"] for q in queries],
         query_difficulty=[difficulty(grouped[q]["type"], grouped[q]["source"]) for q in queries],
-        qrels=qrels, doc_ids=doc_ids, doc_texts=doc_texts, n_distractors=len(doc_texts) - n_pos, notes=notes,
+        qrels=qrels, doc_ids=unique_ids(doc_ids, doc_texts), doc_texts=doc_texts, n_distractors=len(doc_texts) - n_pos,
+        notes=notes,
     )
 
 

@@ -3,9 +3,11 @@
     run file:   <qid> Q0 <docid> <rank> <score> <tag>     (one line per retrieved passage, best first)
     qrels file: <qid> 0 <docid> 1                         (one line per relevant passage)
 
-Query ids are `q` + the first 12 hex digits of sha1(query text), document ids the eval set's ids (corpus ids, or
-`pos:<hash>` for test positives), with whitespace replaced, so the same eval set gives the same ids in every run.
-`paired_significance` compares two systems per query with ranx's `compare` and its statistical tests.
+Query ids are `q` + the first 12 hex digits of sha1(query text), document ids the eval set's ids, one per passage
+(corpus ids, with whitespace replaced and `~<text hash>` added to an id several passages share, or `pos:<hash>` for
+test positives: lbr_ray.eval.sets.unique_ids), so the same eval set gives the same ids in every run.
+`paired_significance` compares two systems per query (ranx scores each query, seeds are averaged per query, and
+`paired_test` tests the per-query differences).
 """
 from __future__ import annotations
 
@@ -35,18 +37,24 @@ def write_qrels(eset, path: str | Path) -> Path:
 
 
 def write_run(eset, top: np.ndarray, scores: np.ndarray, path: str | Path, tag: str) -> Path:
-    """Ranked lists (`top` [Q, k] corpus rows, `scores` [Q, k], best first; -1 = empty slot) as a TREC run file."""
+    """Ranked lists (`top` [Q, k] corpus rows, `scores` [Q, k], best first; -1 = empty slot) as a TREC run file.
+    Scores are written to 6 decimals, each strictly below the one above it (a tie, e.g. BM25's zero scores, 1e-6
+    lower): ranx and trec_eval rank by score, so they read the ranking that was scored."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tag = doc_id(tag)
     lines = []
     for q, rows, vals in zip(eset.queries, np.asarray(top), np.asarray(scores)):
         qid = query_id(q)
-        rank = 0
+        rank, above = 0, None
         for row, score in zip(rows, vals):
             if row >= 0:
                 rank += 1
-                lines.append(f"{qid} Q0 {doc_id(eset.doc_ids[int(row)])} {rank} {float(score):.6f} {tag}")
+                value = round(float(score), 6)
+                if above is not None and value >= above:  # a tie: just below, so sorting by score keeps the ranks
+                    value = round(above - 1e-6, 6)
+                above = value
+                lines.append(f"{qid} Q0 {doc_id(eset.doc_ids[int(row)])} {rank} {value:.6f} {tag}")
     _write(path, lines)
     return path
 
@@ -75,29 +83,56 @@ def read_run(path: str | Path) -> dict[str, dict[str, float]]:
     return out
 
 
-def stack(per_seed: dict) -> dict:
-    """Runs (or qrels) of several seeds as one, query ids prefixed by the seed ("s0:q..."): a paired test over
-    (seed, query) pairs then pairs each system's seed-s run with the other system's seed-s run on the same query."""
-    return {f"s{seed}:{qid}": docs for seed, run in per_seed.items() for qid, docs in run.items()}
+def per_query(qrels: dict, run: dict, metric: str = "recall@10") -> dict[str, float]:
+    """{query id: `metric`} of one run over every query of `qrels` (ranx; a query the run lacks scores 0)."""
+    from ranx import Qrels, Run, evaluate
+
+    scored = Run(run)
+    evaluate(Qrels(qrels), scored, metric, make_comparable=True)
+    return {qid: float(v) for qid, v in scored.scores[metric].items()}
 
 
-def paired_significance(qrels: dict, control: dict, treatment: dict, names: tuple[str, str] = ("a", "b"),
+def paired_test(control: np.ndarray, treatment: np.ndarray, stat_test: str = "fisher") -> float:
+    """Two-sided p-value of mean(control - treatment) = 0, paired over the entries (queries): `fisher`, Fisher's
+    randomization test (scipy.stats.permutation_test swapping each pair, 9,999 resamples, seeded: the same p every
+    time, >= 1e-4; ranx's own version gives another p on each call), or `student`, the paired t-test."""
+    from scipy import stats
+
+    control, treatment = np.asarray(control, float), np.asarray(treatment, float)
+    if np.allclose(control, treatment):
+        return 1.0
+    if stat_test == "student":
+        return float(stats.ttest_rel(control, treatment).pvalue)
+    res = stats.permutation_test((control, treatment), lambda a, b, axis: np.mean(a - b, axis=axis),
+                                 permutation_type="samples", vectorized=True, n_resamples=9999,
+                                 rng=np.random.default_rng(0))
+    return float(res.pvalue)
+
+
+def paired_significance(qrels: dict, control: list[dict], treatment: list[dict], names: tuple[str, str] = ("a", "b"),
                         metric: str = "recall@10", stat_test: str = "fisher", max_p: float = 0.05) -> dict:
-    """Paired significance of `control` minus `treatment` on per-query `metric`, by ranx.compare (Fisher's
-    randomization test or the paired Student's t-test, over the same queries). Returns the two means, their
-    difference, the p-value, whether p <= max_p, and per-query wins / ties / losses of the control."""
-    from ranx import Qrels, Run, compare
+    """Paired significance of `control` minus `treatment` on per-query `metric`. Each system is given as its runs of
+    the same seeds, in the same order; a query's metric is averaged over the seeds first, so every query is one
+    sample however many seeds ran (the seed spread is reported apart, as mean +- std over seeds). Returns the two
+    means, their difference, the p-value over the queries (`paired_test`), whether p <= max_p, and per-query
+    wins / ties / losses of the control's seed-averaged metric."""
+    if not control or len(control) != len(treatment):
+        raise ValueError("paired_significance needs runs of the same seeds for both systems")
+    qids = sorted(qrels)
 
-    runs = [Run(control, name=names[0]), Run(treatment, name=names[1])]
-    report = compare(Qrels(qrels), runs, metrics=[metric], stat_test=stat_test, max_p=max_p, make_comparable=True,
-                     rounding_digits=6)
-    test = report.comparisons[names[0], names[1]][metric]
-    wtl = report.win_tie_loss[(names[0], names[1])][metric]
-    a, b = report.results[names[0]][metric], report.results[names[1]][metric]
-    return {"metric": metric, "control": names[0], "treatment": names[1], "control_mean": a, "treatment_mean": b,
-            "diff": a - b, "p_value": float(test["p_value"]), "significant": bool(test["significant"]),
-            "stat_test": stat_test, "max_p": max_p, "n_queries": len(qrels), "wins": wtl["W"], "ties": wtl["T"],
-            "losses": wtl["L"]}
+    def seed_mean(runs: list[dict]) -> np.ndarray:  # [queries]: each query's metric, averaged over the seeds
+        scores = [per_query(qrels, run, metric) for run in runs]
+        return np.mean([[s[q] for q in qids] for s in scores], axis=0)
+
+    a, b = seed_mean(control), seed_mean(treatment)
+    diff = np.where(np.isclose(a, b), 0.0, a - b)
+    p = paired_test(a, b, stat_test)
+    return {"metric": metric, "control": names[0], "treatment": names[1], "control_mean": float(a.mean()),
+            "treatment_mean": float(b.mean()), "diff": float(a.mean() - b.mean()), "p_value": p,
+            "significant": p <= max_p, "stat_test": stat_test, "max_p": max_p, "n_queries": len(qids),
+            "n_seeds": len(control), "wins": int((diff > 0).sum()), "ties": int((diff == 0).sum()),
+            "losses": int((diff < 0).sum())}
 
 
-__all__ = ["query_id", "write_qrels", "write_run", "read_qrels", "read_run", "stack", "paired_significance"]
+__all__ = ["query_id", "write_qrels", "write_run", "read_qrels", "read_run", "per_query", "paired_test",
+           "paired_significance"]

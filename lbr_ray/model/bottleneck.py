@@ -14,7 +14,7 @@ from torch import nn
 
 from lbr_ray.config.schema import BottleneckConfig, ModelConfig
 from lbr_ray.errors import ConfigError
-from lbr_ray.layout import B, PAD, add_bottleneck_tokens
+from lbr_ray.layout import B, add_bottleneck_tokens
 from lbr_ray.model.attention import ATTN_IMPLEMENTATION, get_backend
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -23,11 +23,14 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 
 def resolve_model_path(name: str) -> str:
     """A local folder (as given, or relative to the lbr-ray checkout, e.g. lbr_ray/assets/tiny-llama), a local copy
-    of an s3:// / gs:// folder, or a hub id."""
+    of an s3:// / gs:// folder, the converted folder of a .gguf file (lbr_ray.model.gguf), or a hub id."""
+    from lbr_ray.model.gguf import cached_folder, is_gguf
     from lbr_ray.storage import is_remote, local_copy
 
     if is_remote(name):
         return local_copy(name)
+    if is_gguf(name):
+        return str(cached_folder(name))
     for candidate in (Path(name).expanduser(), PACKAGE_ROOT / name):
         if candidate.is_dir():
             return str(candidate)
@@ -56,7 +59,7 @@ def load_causal_lm(cfg: ModelConfig, vocab_size: int, seed: int = 0, attn_implem
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = resolve_model_path(cfg.name)
-    attn = attn_implementation or ATTN_IMPLEMENTATION[cfg.attn_backend]
+    attn = attn_implementation or cfg.attn_implementation or ATTN_IMPLEMENTATION[cfg.attn_backend]
     try:
         if cfg.from_scratch:
             torch.manual_seed(seed)
@@ -108,9 +111,11 @@ class BottleneckLM(nn.Module):
     def hidden(self, ids: torch.Tensor, seg: torch.Tensor, ib: bool = True, packed: bool = False) -> torch.Tensor:
         """Final hidden states [B, T, H] under the IB mask (ib=True) or the plain causal mask. `packed`: rows may
         hold several units (lbr_ray.layout.pack); the IB mask always keeps documents apart, the plain causal
-        mask does so only when told (it is otherwise the cheaper 2-D padding mask)."""
+        mask does so only when told. Unpacked causal rows need no mask at all: they are right-padded
+        (layout.pad_rows), and under a causal mask no real token sees a later pad, so the kernels run their
+        mask-free causal path (states at pad positions are never read)."""
         if not ib and not packed:
-            return self.decoder(input_ids=ids, attention_mask=(seg != PAD).long(), use_cache=False).last_hidden_state
+            return self.decoder(input_ids=ids, use_cache=False).last_hidden_state
         return self._forward(self.decoder, ids, seg, ib=ib, sink=self.sink)
 
     def embed(self, ids: torch.Tensor, seg: torch.Tensor, pooling: str = "last") -> torch.Tensor:
@@ -155,10 +160,16 @@ def apply_lora(lm: nn.Module, cfg: ModelConfig, bottleneck_ids: list[int]) -> nn
     return get_peft_model(lm, lora)
 
 
-def merged_lm(model: BottleneckLM) -> nn.Module:
-    """A plain HF causal LM with LoRA and trainable tokens merged in (a copy when peft-wrapped)."""
+def merged_lm(model: BottleneckLM, dtype: str | None = None) -> nn.Module:
+    """A plain HF causal LM with LoRA and trainable tokens merged in (a copy when peft-wrapped), in `dtype` when
+    given. LoRA merges in float32: under DeepSpeed bf16 the module is bf16, and a bf16 merge would round away the
+    small LoRA updates."""
     import copy
 
-    if hasattr(model.lm, "merge_and_unload"):
-        return copy.deepcopy(model.lm).merge_and_unload()
-    return model.lm
+    lm = model.lm
+    if hasattr(lm, "merge_and_unload"):
+        lm = copy.deepcopy(lm)
+        lm = (lm.float() if next(lm.parameters()).dtype != torch.float32 else lm).merge_and_unload()
+    elif dtype and next(lm.parameters()).dtype != DTYPES[dtype]:
+        lm = copy.deepcopy(lm)  # never cast the model being trained
+    return lm.to(DTYPES[dtype]) if dtype else lm

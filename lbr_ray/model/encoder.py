@@ -84,6 +84,23 @@ class Encoder:
         return int(getattr(weight, "ds_shape", weight.shape)[1])  # ZeRO-3 leaves an empty partition; ds_shape is whole
 
 
+def encode_shared(encoder: Encoder, texts: list[str], batch_size: int, rank: int, world: int) -> np.ndarray:
+    """Every rank encodes every `world`-th text and all-gathers the rest. Shares are padded to equal length, so
+    every rank runs as many forward passes (ZeRO-3 gathers the weights inside them, all ranks together)."""
+    if world == 1:
+        return encoder.encode(texts, batch_size)
+    import torch.distributed as dist
+
+    per = -(-len(texts) // world)
+    mine = texts[rank::world]
+    mine = mine + [texts[-1]] * (per - len(mine))  # padding lands past len(texts) below
+    device = next(encoder.model.parameters()).device
+    local = torch.from_numpy(encoder.encode(mine, batch_size)).to(device)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(parts, local)
+    return torch.stack(parts, 1).reshape(per * world, -1)[: len(texts)].cpu().numpy()  # row j*world+r: rank r
+
+
 def _fingerprint(folder: Path) -> str:
     """Content hash of the weights and the card: the embedding cache key of an unchanged model stays the same."""
     h = hashlib.sha1()

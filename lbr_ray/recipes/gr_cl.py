@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lbr_ray.losses import IBGenerativeLoss, InfoNCELoss
-from lbr_ray.model.encoder import Encoder
+from lbr_ray.model.encoder import Encoder, encode_shared
 from lbr_ray.layout import PAD
 from lbr_ray.recipes.setup import build_model
 from lbr_ray.train.deepspeed import initialize
@@ -54,12 +54,12 @@ class GRCLObjective(nn.Module):
         return out
 
 
-def dev_eval(encoder: Encoder, dev: dict, batch_size: int = 64) -> dict[str, float]:
-    """R@10 / NDCG@10 on the small in-domain dev set (every rank computes it: works under ZeRO-3 too)."""
+def dev_eval(encoder: Encoder, dev: dict, batch_size: int = 64, rank: int = 0, world: int = 1) -> dict[str, float]:
+    """R@10 / NDCG@10 on the small in-domain dev set; the ranks encode a share each (see `encode_shared`)."""
     from lbr_ray.eval.metrics import dev_metrics, retrieve_exact
 
-    q = encoder.encode(dev["queries"], batch_size)
-    d = encoder.encode(dev["docs"], batch_size)
+    emb = encode_shared(encoder, dev["queries"] + dev["docs"], batch_size, rank, world)
+    q, d = emb[: len(dev["queries"])], emb[len(dev["queries"]):]
     top = retrieve_exact(q, d, k=10)[1]
     m = dev_metrics(top, dev["qrels"], ks=(10,))
     return {"dev_recall@10": m["recall@10"], "dev_ndcg@10": m["ndcg@10"]}
@@ -78,7 +78,7 @@ def train_fn(config: dict) -> None:
     run = WorkerRun(config, "gr_cl")
     cfg, st = run.cfg, run.cfg.gr_cl
     prefixes = ["q", "p"] + [f"n{h}" for h in range(st.hard_negatives)] + (["ib"] if st.gen_weight > 0 else [])
-    batches = run.batches(prefixes, st.batch_size, run.pad_id(config.get("init")))
+    batches = run.batches(prefixes, st.batch_size, run.pad_id(config.get("init")), length_groups=st.length_groups)
     model, tok = build_model(cfg, init=config.get("init"))
     run.mark("model")
     encoder = Encoder(model, tok, cfg.bottleneck, cfg.data.max_input_tokens)
@@ -89,7 +89,7 @@ def train_fn(config: dict) -> None:
 
     def dev_at(state) -> dict:  # once per step: the final log and the final checkpoint share one evaluation
         if last_eval.get("step") != state.step:
-            last_eval.update(step=state.step, metrics=dev_eval(encoder, dev))
+            last_eval.update(step=state.step, metrics=dev_eval(encoder, dev, rank=run.rank, world=run.world))
         return last_eval["metrics"]
 
     evaluate = dev_at if dev else None

@@ -36,7 +36,7 @@ def export_hf(model, tokenizer, cfg: LbrConfig, stage: str, out: Path) -> Path:
     from lbr_ray.model.bottleneck import merged_lm
 
     out.mkdir(parents=True, exist_ok=True)
-    merged_lm(model).save_pretrained(out, safe_serialization=True)
+    merged_lm(model, cfg.model.dtype).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     (out / MODEL_CARD).write_text(json.dumps(lbr_card(cfg, model.bottleneck_ids, stage), indent=2))
     return out

@@ -7,17 +7,18 @@ Training FLOPs of a micro-batch (forward + backward = 3 x forward, the standard 
   + 12 * layers * d_attn * pairs   QK^T and AV (2 + 2 FLOPs per multiply-add, per query-head dim) for every
                                    (query, key) pair the actual mask allows: causal, within the unit (packed rows),
                                    minus target -> input under the IB mask; d_attn = query heads * head dim
-MFU = achieved FLOP/s per device / the device's peak (`scaling.peak_tflops`, else a table of GPUs, else a CPU
-estimate from cores x clock x SIMD FLOPs per cycle).
+MFU = achieved FLOP/s per device / the device's peak (`scaling.peak_tflops`, else a table of GPUs, else the CPU's
+peak from cores x clock x SIMD FLOPs per cycle, never below a measured matmul: `cpu_peak_flops`).
 """
 from __future__ import annotations
 
+import functools
 import os
-import re
-from pathlib import Path
+import time
 
 import torch
 
+from lbr_ray.hardware import cpu_info
 from lbr_ray.layout import PAD, SINK, X, Y
 
 # Dense peak TFLOP/s per GPU (bf16/fp16 tensor cores; fp32 without TF32), from the vendors' datasheets.
@@ -83,22 +84,42 @@ def device_peak_flops(device: torch.device | str | None = None, dtype: torch.dty
 
 
 def cpu_peak_flops(cores: int, dtype: torch.dtype = torch.float32) -> float | None:
-    """cores x max clock x FLOPs per cycle per core (2 FMA units x SIMD width x 2; AVX-512: 64 fp32, AVX2: 32)."""
+    """Peak FLOP/s of `cores` CPU cores: the larger of the datasheet figure and a measured one.
+
+    Datasheet: cores x clock x FLOPs per cycle per core. fp32: 2 FMA units x SIMD lanes x 2 (an FMA is 2 FLOPs):
+    64 with AVX-512 on two 512-bit units (Intel server cores), 32 with AVX2 + FMA or with AVX-512 on AMD Zen 4,
+    which runs it on 256-bit units (family 0x19); bf16 doubles that with AVX512_BF16 (VDPBF16PS: two products
+    per fp32 lane), AMX does 1,024. A virtual machine often shows only the nominal clock (/proc/cpuinfo), below
+    the boost clock the cores run at, so the figure can be low: the peak is never below what one core measures on a
+    large matmul in this dtype (`matmul_flops_per_core`), times `cores`, so MFU stays at most 100 %."""
+    info = cpu_info()
+    if info is None:
+        return None
+    flags, family, mhz = info
+    per_cycle = 32 if {"avx2", "fma"} <= flags or "avx512f" in flags else 8
+    if "avx512f" in flags and family != 0x19:
+        per_cycle = 64
+    if dtype in (torch.bfloat16, torch.float16):
+        per_cycle = 1024 if "amx_bf16" in flags else 2 * per_cycle if "avx512_bf16" in flags else per_cycle
+    cores = min(cores, os.cpu_count() or cores)
+    datasheet = cores * mhz * 1e6 * per_cycle if mhz else 0.0
+    return max(datasheet, cores * matmul_flops_per_core(dtype)) or None
+
+
+@functools.lru_cache(maxsize=None)
+def matmul_flops_per_core(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int = 5) -> float:
+    """FLOP/s of one core on an n x n matmul in `dtype`, best of `repeats` (about 0.1 s): matmul FLOPs per CPU
+    second of this process, so other jobs on the machine do not lower it."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    flags = set(re.search(r"^flags\s*:(.*)$", info, re.M).group(1).split()) if "flags" in info else set()
-    per_cycle = 64 if "avx512f" in flags else 32 if {"avx2", "fma"} <= flags else 8
-    if dtype in (torch.bfloat16, torch.float16) and "amx_bf16" in flags:
-        per_cycle = 1024
-    mhz = None
-    max_freq = Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq")
-    if max_freq.exists():
-        mhz = int(max_freq.read_text()) / 1000
-    else:
-        found = re.findall(r"^cpu MHz\s*:\s*([\d.]+)", info, re.M)
-        mhz = max(map(float, found)) if found else None
-    if not mhz:
-        return None
-    return min(cores, os.cpu_count() or cores) * mhz * 1e6 * per_cycle
+        a @ b  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.process_time()
+            a @ b
+            best = min(best, time.process_time() - t0)
+    finally:
+        torch.set_num_threads(threads)
+    return 2 * n**3 / max(best, 1e-9)

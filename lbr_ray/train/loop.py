@@ -27,8 +27,8 @@ def train_loop(engine, batches: Callable[[int], Iterable[dict]], stage: StageCon
             engine.backward(out["loss"])
             engine.step()  # optimizer + schedule step on accumulation boundaries only
             state.batch_in_epoch = i + 1
-            tokens = int(out.pop("tokens")) * world  # assumes balanced shards (equal split, fixed batch)
-            state.tokens += tokens
+            tokens = int(out.pop("tokens"))  # this rank's; telemetry.flush sums the ranks for tokens/s
+            state.tokens += tokens * world  # all ranks', assuming balanced shards (equal split, fixed batch)
             telemetry.add(out, tokens)
             if not boundary:
                 continue

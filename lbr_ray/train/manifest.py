@@ -5,14 +5,18 @@
    storage and writes `manifest.json` into the persisted checkpoint: the last file written, so a checkpoint
    without it never finished.
 3. At resume, `newest_complete` checks the latest checkpoint (manifest present, every file there with its size,
-   then the hashes of the downloaded copy) and falls back to the previous complete one, naming what is wrong.
+   then the hashes of the downloaded copy) and falls back to the previous complete, undamaged one, naming what is
+   wrong with each one it skips.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import posixpath
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import ContextManager
 
 MANIFEST = "manifest.json"
 RANK_FILES = "files.rank{}.json"
@@ -103,12 +107,24 @@ def candidates(fs, latest: str) -> list[str]:
     return [latest] + [posixpath.join(parent, n) for n in older]
 
 
-def newest_complete(fs, latest: str) -> tuple[str | None, list[str]]:
-    """The newest complete checkpoint at or before `latest`, and one line per skipped incomplete one."""
+@contextmanager
+def newest_complete(fs, latest: str, local_copy: Callable[[str], ContextManager[str | Path]]
+                    ) -> Iterator[tuple[str | None, Path | None, list[str]]]:
+    """The newest checkpoint at or before `latest` whose files are all on the storage with their sizes and whose
+    local copy matches the manifest's hashes: (folder, its local copy, one line per checkpoint skipped), or (None,
+    None, lines) if there is none. `local_copy(folder)`: a context manager giving a local copy of a checkpoint folder
+    (Ray's Checkpoint.as_directory), which stays while the caller's block runs."""
     skipped = []
     for folder in candidates(fs, latest):
+        name = posixpath.basename(folder)
         why = problem(fs, folder)
-        if why is None:
-            return folder, skipped
-        skipped.append(f"{posixpath.basename(folder)} is incomplete ({why})")
-    return None, skipped
+        if why is not None:
+            skipped.append(f"{name} is incomplete ({why})")
+            continue
+        with local_copy(folder) as local:
+            why = hash_problem(Path(local))
+            if why is None:
+                yield folder, Path(local), skipped
+                return
+        skipped.append(f"{name} is damaged ({why})")
+    yield None, None, skipped

@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import ray.train
 import torch
 
@@ -37,6 +38,20 @@ class PadCollate(NumpyBatchCollateFn):
 
     def __call__(self, batch):
         return collate_columns(batch, self.prefixes, self.pad_id, self.length)
+
+
+def grouped_batches(megabatches, prefixes: list[str], batch_size: int, collate, seed: tuple[int, int]):
+    """Numpy megabatches -> length-grouped padded batches on this worker's device (see WorkerRun.batches)."""
+    from ray.train.torch import get_device
+
+    from lbr_ray.layout import length_groups
+
+    device = get_device()
+    for j, mega in enumerate(megabatches):
+        lengths = np.stack([np.fromiter(map(len, mega[f"{p}_ids"]), dtype=np.int64) for p in prefixes], 1)
+        for idx in length_groups(lengths, batch_size, np.random.default_rng([*seed, j])):
+            batch = collate({k: v[idx] for k, v in mega.items()})
+            yield {k: v.to(device) for k, v in batch.items()} if device.type != "cpu" else batch
 
 
 class UploadedTelemetry(Telemetry):
@@ -76,18 +91,22 @@ class WorkerRun:
               f"{torch.get_num_threads()} torch threads", flush=True)
 
     def batches(self, prefixes: list[str], batch_size: int, pad_id: int, name: str = "train",
-                length: int | None = None):
+                length: int | None = None, length_groups: int = 0):
         """`epoch -> batches` of padded tensors (to `length` when given, e.g. packed rows), already on this
-        worker's device (Ray's device="auto"). Epoch 0's first batch is fetched in a background thread right away
-        (fresh runs), so Ray Data's start (tokenizer actor, first blocks) overlaps the model build and DeepSpeed's
-        init."""
+        worker's device. `length_groups` > 1: each run of that many batches is sorted by row length and cut into
+        batches of similar rows, in a seeded random order (layout.length_groups), so a resumed run sees the same
+        batches. Epoch 0's first batch is fetched in a background thread right away (fresh runs), so Ray Data's
+        start (tokenizer actor, first blocks) overlaps the model build and DeepSpeed's init."""
         shard = ray.train.get_dataset_shard(name)
         collate = PadCollate(prefixes, pad_id, length)
 
         def make(epoch: int):
+            shuffle = {"local_shuffle_buffer_size": 4 * batch_size, "local_shuffle_seed": self.cfg.run.seed + epoch}
+            if length_groups > 1:
+                mega = shard.iter_batches(batch_size=batch_size * length_groups, batch_format="numpy", **shuffle)
+                return grouped_batches(mega, prefixes, batch_size, collate, (self.cfg.run.seed, epoch))
             return iter(shard.iter_torch_batches(batch_size=batch_size, collate_fn=collate, drop_last=True,
-                                                 local_shuffle_buffer_size=4 * batch_size,
-                                                 local_shuffle_seed=self.cfg.run.seed + epoch))
+                                                 **shuffle))
 
         pending = {}
         if ray.train.get_checkpoint() is None:  # a resumed run may start in a later epoch: no early epoch 0
@@ -124,10 +143,11 @@ class WorkerRun:
 
     def telemetry(self, max_steps: int, state: LoopState) -> Telemetry:
         tb = self.stage_dir / "tensorboard" if self.cfg.run.tensorboard else None
+        from lbr_ray.config.load import compute_dtype
         from lbr_ray.model.bottleneck import DTYPES
         from lbr_ray.train.flops import device_peak_flops
 
-        peak = device_peak_flops(None, DTYPES[self.cfg.model.dtype], self.cfg.scaling.peak_tflops)
+        peak = device_peak_flops(None, DTYPES[compute_dtype(self.cfg)], self.cfg.scaling.peak_tflops)
         kwargs = {"bar": not self.quiet, "peak_flops": peak, "marks": self.marks}
         if self.stage_uri:  # rank 0 may sit on another node than the driver: it uploads its own event files
             return UploadedTelemetry(self.stage, max_steps, self.rank, tb, state.step, self.t0,
@@ -146,25 +166,23 @@ class WorkerRun:
 
     def resume(self, engine) -> LoopState:
         """Continue from Ray's latest checkpoint (a --resume or an automatic restart after a lost worker), or
-        from the newest complete one before it when its files were truncated or partly deleted."""
+        from the newest complete one before it when its files were truncated, partly deleted or damaged."""
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             return LoopState()
-        chosen, skipped = manifest.newest_complete(checkpoint.filesystem, checkpoint.path)
-        if chosen is None:
-            raise CheckpointError(f"no complete checkpoint next to {checkpoint.path}: {'; '.join(skipped)}; "
-                                  "start a new run in another --output")
-        if chosen != checkpoint.path:
-            checkpoint = ray.train.Checkpoint(chosen, filesystem=checkpoint.filesystem)
-        for line in skipped if self.rank == 0 else []:
-            print(f"[lbr] {self.stage}: {line}: resuming from {Path(chosen).name}", flush=True)
-        with checkpoint.as_directory() as d:
-            bad = manifest.hash_problem(Path(d))
-            if bad:
-                raise CheckpointError(f"{checkpoint.path}: {bad}; remove that checkpoint folder to resume from "
-                                      "the one before it")
-            state = ckpt.load(engine, Path(d), self.rank)
+        fs = checkpoint.filesystem
+
+        def local_copy(folder: str):
+            return ray.train.Checkpoint(folder, filesystem=fs).as_directory()
+
+        with manifest.newest_complete(fs, checkpoint.path, local_copy) as (chosen, local, skipped):
+            if chosen is None:
+                raise CheckpointError(f"no complete checkpoint next to {checkpoint.path}: {'; '.join(skipped)}; "
+                                      "start a new run in another --output")
+            for line in skipped if self.rank == 0 else []:
+                print(f"[lbr] {self.stage}: {line}: resuming from {Path(chosen).name}", flush=True)
+            state = ckpt.load(engine, local, self.rank)
         ray.train.report({"resumed_at_step": state.step, "resumed_time": time.time()})  # marks the restart
         if self.rank == 0:
-            log.info("%s: resumed from %s at step %d", self.stage, checkpoint.path, state.step)
+            log.info("%s: resumed from %s at step %d", self.stage, chosen, state.step)
         return state

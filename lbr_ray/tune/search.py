@@ -111,7 +111,7 @@ def absolute_paths(cfg: LbrConfig) -> LbrConfig:
     def absolute(spec: str) -> str:
         return os.path.abspath(os.path.expanduser(spec))
 
-    model = absolute(cfg.model.name) if Path(cfg.model.name).expanduser().is_dir() else cfg.model.name
+    model = absolute(cfg.model.name) if Path(cfg.model.name).expanduser().exists() else cfg.model.name
     return replace(cfg, model={"name": model}, data={"pairs": tuple(map(absolute, cfg.data.pairs)),
                                                      "corpus": tuple(map(absolute, cfg.data.corpus))})
 

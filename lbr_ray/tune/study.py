@@ -1,6 +1,6 @@
 """`lbr study`: does LBR help? A variant x seed grid on one target domain, every cell a real two-stage run, run by
 Ray Tune (grid search, stage-1 cache by config hash, Tuner.restore), evaluated on the target's test split and on
-held-out domains, with per-query TREC run files, mean +- std over seeds and paired significance (ranx.compare).
+held-out domains, with per-query TREC run files, mean +- std over seeds and paired significance over queries.
 
 <study>/study.json            the study's spec (target, variants, seeds, held-out domains, eval caps, test)
 <study>/sweep_config.yaml     the resolved base config (resume reads it)
@@ -29,6 +29,7 @@ from lbr_ray.errors import ConfigError
 
 VARIANTS = {"lbr": ("lbr", False), "gl-cl": ("gl-cl", False), "cl": ("cl", False), "cl-mc": ("cl", True)}
 STAT_TESTS = ("fisher", "student")
+TEST_NAMES = {"fisher": "Fisher's randomization test (9,999 paired resamples)", "student": "the paired t-test"}
 SPEC = "study.json"
 CELL = "cell.json"
 METRIC = "recall@10"
@@ -45,7 +46,7 @@ class StudySpec:
     test_max_queries: int | None = None  # caps of the test evaluation (deterministic samples, the same in every cell)
     test_max_corpus: int | None = None
     eval_workers: int = 0  # encoder actors of each cell's evaluation (0 = in the cell's driver process)
-    stat_test: str = "fisher"  # ranx.compare: fisher (randomization) or student (paired t-test)
+    stat_test: str = "fisher"  # lbr_ray.eval.trec.paired_test: fisher (randomization) or student (paired t-test)
     max_p: float = 0.05
     control: str = "lbr"  # significance of control minus each other variant
     domains: tuple[str, ...] = field(init=False, default=())
@@ -379,9 +380,9 @@ def summarize(cells: list[dict], spec: StudySpec) -> list[dict]:
 
 
 def significance(cells: list[dict], spec: StudySpec, study: Path) -> list[dict]:
-    """Control (lbr) minus each other variant, per domain, paired over (seed, query) on the seeds both finished:
-    ranx.compare on the seed-stacked TREC runs against the seed-stacked qrels."""
-    from lbr_ray.eval.trec import paired_significance, read_qrels, read_run, stack
+    """Control (lbr) minus each other variant, per domain, on the seeds both finished: each query's R@10 averaged
+    over those seeds, then a paired test over the queries (lbr_ray.eval.trec.paired_significance)."""
+    from lbr_ray.eval.trec import paired_significance, read_qrels, read_run
 
     if spec.control not in spec.variants:
         return []
@@ -398,12 +399,28 @@ def significance(cells: list[dict], spec: StudySpec, study: Path) -> list[dict]:
             seeds = sorted(s for (v, s) in by if v == other and (spec.control, s) in by)
             if not seeds:
                 continue
-            runs = {v: stack({s: read_run(study / "cells" / by[(v, s)]["cell"] / "runs" / f"{domain}.trec")
-                              for s in seeds}) for v in (spec.control, other)}
-            test = paired_significance(stack({s: qrels for s in seeds}), runs[spec.control], runs[other],
-                                       (spec.control, other), METRIC, spec.stat_test, spec.max_p)
+            runs = {v: [read_run(study / "cells" / by[(v, s)]["cell"] / "runs" / f"{domain}.trec") for s in seeds]
+                    for v in (spec.control, other)}
+            test = paired_significance(qrels, runs[spec.control], runs[other], (spec.control, other), METRIC,
+                                       spec.stat_test, spec.max_p)
             out.append({"domain": domain, "seeds": seeds, **test})
     return out
+
+
+def rescore(study: Path) -> dict:
+    """Recompute the significance of a finished study from its TREC runs, without training or BM25, and rewrite
+    results.json and results.md (e.g. a study whose p-values an older lbr computed over (seed, query) pairs)."""
+    study = Path(study).expanduser().resolve()
+    if not (study / "results.json").is_file():
+        raise ConfigError(f"{study} holds no results.json to rescore: check --output (a study that has ended)")
+    doc = json.loads((study / "results.json").read_text())
+    spec = spec_from_dict(doc["spec"])
+    doc["significance"] = significance(read_cells(study), spec, study)
+    (study / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
+    (study / "results.md").write_text(markdown(doc, spec))
+    print(f"[lbr] study: rescored {len(doc['significance'])} comparisons into {study}/results.md, results.json",
+          flush=True)
+    return doc
 
 
 def bm25_reference(cfg: LbrConfig, spec: StudySpec, study: Path) -> dict:
@@ -501,8 +518,10 @@ def markdown(doc: dict, spec: StudySpec) -> str:
         lines += [f"| {r['variant']} | " + " | ".join(_ms((r[f'{d}:hard']['mean'], r[f'{d}:hard']['std']))
                                                       for d in hard) + " |" for r in doc["table"]]
     if doc["significance"]:
-        lines += ["", f"Significance of {spec.control} minus each variant on per-query R@10: ranx.compare "
-                      f"({spec.stat_test} test, paired over the same (seed, query) pairs, max p {spec.max_p}).", "",
+        test = TEST_NAMES.get(spec.stat_test, spec.stat_test)
+        lines += ["", f"Significance of {spec.control} minus each variant on per-query R@10: each query's R@10 "
+                      f"averaged over the seeds both ran, then {test} over the queries (max p {spec.max_p}); "
+                      "wins/ties/losses compare those per-query means.", "",
                   "| domain | variant | seeds | queries | mean diff | wins/ties/losses | p | significant |",
                   "|---|---|---|---|---|---|---|---|"]
         for s in doc["significance"]:
@@ -547,4 +566,4 @@ def plot(rows: list[dict], bm25: dict, spec: StudySpec, path: Path) -> Path:
 
 
 __all__ = ["StudySpec", "VARIANTS", "parse_variant", "grid_cells", "check_spec", "study_config", "run_study",
-           "write_results", "load_study", "parse_list", "significance", "summarize", "table"]
+           "write_results", "load_study", "parse_list", "significance", "summarize", "table", "rescore"]

@@ -43,7 +43,16 @@ def tiny_qwen2(folder: Path) -> Path:
     return folder
 
 
-FAMILY = {"Qwen/Qwen2.5-0.5B": tiny_qwen2}  # hub name -> a builder of the same architecture
+def tiny_llama(folder: Path) -> Path:
+    """The bundled 2-layer Llama (SmolLM2 is a Llama): config and tokenizer, random weights."""
+    import shutil
+
+    shutil.copytree(ROOT / "lbr_ray" / "assets" / "tiny-llama", folder, dirs_exist_ok=True)
+    return folder
+
+
+FAMILY = {"Qwen/Qwen2.5-0.5B": tiny_qwen2,  # hub name or local base (`make smollm2`) -> a builder of its family
+          "models/smollm2-135m": tiny_llama}
 
 
 def test_every_shipped_config_has_a_cpu_run():

@@ -1,6 +1,6 @@
 """`lbr study` on real Ray Tune + Ray Train + DeepSpeed: a tiny grid (variants cl, lbr x seed 0, medical target,
 biology held out), interrupted after its first cell and resumed with the CLI. Checks that the finished cell is not
-rerun, per-query TREC runs, the table, ranx significance, BM25 reference and the plot."""
+rerun, per-query TREC runs, the table, paired significance, BM25 reference and the plot."""
 from __future__ import annotations
 
 import json

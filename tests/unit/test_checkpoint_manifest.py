@@ -1,8 +1,10 @@
-"""Checkpoint manifests (no Ray): written last from the ranks' file lists, checked at resume; a truncated or partly
-deleted checkpoint is named in one line and the previous complete one is used."""
+"""Checkpoint manifests (no Ray but the resume test): written last from the ranks' file lists, checked at resume; a
+truncated, partly deleted or damaged checkpoint is named in one line and the previous complete one is used."""
 from __future__ import annotations
 
 import json
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -46,8 +48,25 @@ def latest(stage: Path) -> str:
     return str(sorted(stage.glob("checkpoint_*"))[-1])
 
 
+@contextmanager
+def downloaded(folder: str):
+    """A copy of the checkpoint elsewhere, as Ray's Checkpoint.as_directory makes of a remote one."""
+    copy = Path(folder).parent / "downloads" / Path(folder).name
+    shutil.copytree(folder, copy)
+    try:
+        yield str(copy)
+    finally:
+        shutil.rmtree(copy)
+
+
+def newest_complete(latest_folder: str) -> tuple[str | None, list[str]]:
+    with manifest.newest_complete(LOCAL, latest_folder, downloaded) as (chosen, local, skipped):
+        assert (local is None) == (chosen is None) and (local is None or local.is_dir())
+        return chosen, skipped
+
+
 def test_complete_checkpoint_is_used(stage):
-    chosen, skipped = manifest.newest_complete(LOCAL, latest(stage))
+    chosen, skipped = newest_complete(latest(stage))
     assert chosen == latest(stage) and skipped == []
     assert manifest.hash_problem(Path(chosen)) is None
     files = json.loads((Path(chosen) / "manifest.json").read_text())["files"]
@@ -59,7 +78,7 @@ def test_truncated_file_falls_back_to_the_previous_checkpoint(stage):
     newest = Path(latest(stage))
     shard = newest / "ds" / "state" / "zero_pp_rank_1_optim_states.pt"
     shard.write_bytes(shard.read_bytes()[:100])
-    chosen, skipped = manifest.newest_complete(LOCAL, str(newest))
+    chosen, skipped = newest_complete(str(newest))
     assert chosen == str(sorted(stage.glob("checkpoint_*"))[-2])
     assert skipped == [f"{newest.name} is incomplete (ds/state/zero_pp_rank_1_optim_states.pt has 100 bytes, "
                        "the manifest says 1012)"]
@@ -69,7 +88,7 @@ def test_deleted_file_and_missing_manifest_fall_back_twice(stage):
     ckpts = sorted(stage.glob("checkpoint_*"))
     (ckpts[-1] / "hf" / "model.safetensors").unlink()
     (ckpts[-2] / "manifest.json").unlink()
-    chosen, skipped = manifest.newest_complete(LOCAL, str(ckpts[-1]))
+    chosen, skipped = newest_complete(str(ckpts[-1]))
     assert chosen == str(ckpts[0])
     assert "hf/model.safetensors is missing" in skipped[0] and "no manifest.json" in skipped[1]
 
@@ -77,7 +96,7 @@ def test_deleted_file_and_missing_manifest_fall_back_twice(stage):
 def test_no_complete_checkpoint(stage):
     for ck in stage.glob("checkpoint_*"):
         (ck / "state.json").write_text("{}")
-    chosen, skipped = manifest.newest_complete(LOCAL, latest(stage))
+    chosen, skipped = newest_complete(latest(stage))
     assert chosen is None and len(skipped) == 3
 
 
@@ -86,6 +105,30 @@ def test_same_size_corruption_is_caught_by_the_hash(stage):
     state.write_text(state.read_text().replace("12", "99"))
     assert manifest.problem(LOCAL, latest(stage)) is None  # sizes agree
     assert "state.json does not match its sha256" in manifest.hash_problem(Path(latest(stage)))
+
+
+def test_resume_passes_a_damaged_newest_checkpoint_of_the_same_size(stage, monkeypatch, capsys):
+    """Issue 21.5: the hash was checked after the fallback loop, so a newest checkpoint corrupted without changing
+    its size stopped the resume (and every automatic restart) although the one before it was complete."""
+    import ray.train
+
+    from lbr_ray.train import worker
+    from lbr_ray.train.checkpoint import LoopState
+
+    ckpts = sorted(stage.glob("checkpoint_*"))
+    shard = ckpts[-1] / "ds" / "state" / "zero_pp_rank_0_optim_states.pt"
+    shard.write_bytes(b"\xff" * shard.stat().st_size)  # same size, other bytes
+    reports = []
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: ray.train.Checkpoint(str(ckpts[-1])))
+    monkeypatch.setattr(ray.train, "report", reports.append)
+    monkeypatch.setattr(worker.ckpt, "load", lambda engine, d, rank: LoopState(
+        step=json.loads((Path(d) / "state.json").read_text())["step"]))
+    run = worker.WorkerRun.__new__(worker.WorkerRun)
+    run.rank, run.stage = 0, "ib_gl"
+    assert run.resume(engine=None).step == 8 and reports[0]["resumed_at_step"] == 8
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[lbr]")]
+    assert lines == [f"[lbr] ib_gl: {ckpts[-1].name} is damaged (ds/state/zero_pp_rank_0_optim_states.pt does not "
+                     f"match its sha256 in the manifest): resuming from {ckpts[-2].name}"]
 
 
 def test_no_manifest_when_a_ranks_upload_is_short(tmp_path):

@@ -17,10 +17,12 @@ def test_demo_config_loads_and_round_trips(tmp_path):
 
 def test_all_problems_at_once():
     with pytest.raises(ConfigError) as info:
-        load_config(None, ["bottleneck.ratio=0", "foo.bar=1", "gr_cl.lr=abc", "run.variant=xx"])
+        load_config(None, ["bottleneck.ratio=0", "foo.bar=1", "gr_cl.lr=abc", "run.variant=xx",
+                           "model.attn_implementation=flash", "gr_cl.length_groups=-1"])
     msg = str(info.value)
     for part in ("bottleneck.ratio (R) must be > 0", "unknown key foo", "gr_cl.lr='abc' should be float",
-                 "run.variant='xx'"):
+                 "run.variant='xx'", "model.attn_implementation='flash' is not one of ['sdpa', 'eager']",
+                 "gr_cl.length_groups must be >= 0"):
         assert part in msg
 
 

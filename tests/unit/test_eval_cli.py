@@ -83,3 +83,24 @@ def test_eval_uses_the_split_recorded_in_the_model_card(tmp_path):
     res = _invoke("--model", str(tmp_path / "model"), "--domains", "medical", *SMALL, "--split", "default",
                   "--output", str(tmp_path / "d"))
     assert json.loads((tmp_path / "d" / "report.json").read_text())["options"]["split"]["test_buckets"] == [0]
+
+
+def test_index_auto_end_to_end_scores_like_exact_search(tmp_path):
+    """Issue 21.4: `lbr eval --index auto` encoded and searched, then failed (KeyError 'scores'); only its search
+    helper was tested. Through the CLI on a small set: it ends, and where it keeps exact search (a 100-passage
+    corpus) it scores what --index Flat scores."""
+    from lbr_ray.config.schema import LbrConfig, ModelConfig
+    from lbr_ray.model.bottleneck import BottleneckLM
+    from lbr_ray.train.checkpoint import export_hf
+
+    cfg = LbrConfig()
+    model, tok = BottleneckLM.build(ModelConfig(from_scratch=True, lora=False), cfg.bottleneck)
+    export_hf(model, tok, cfg, "gr_cl", tmp_path / "model")
+    rows = {}
+    for index in ("Flat", "auto"):
+        res = _invoke("--model", str(tmp_path / "model"), "--domains", "medical", *SMALL, "--index", index,
+                      "--cache-dir", str(tmp_path / "cache"), "--output", str(tmp_path / index))
+        assert res.exit_code == 0, res.output
+        rows[index] = json.loads((tmp_path / index / "report.json").read_text())["domains"]["medical"]
+    assert rows["auto"]["used"] in ("ann", "exact") and rows["auto"]["ann_recall@10"] == 1.0
+    assert rows["auto"]["rows"] == rows["Flat"]["rows"]

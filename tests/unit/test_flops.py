@@ -114,3 +114,54 @@ def test_device_peak():
     assert device_peak_flops("cpu", override_tflops=2.5) == 2.5e12
     peak = cpu_peak_flops(2)
     assert peak is None or 1e9 < peak < 1e13  # 2 cores: GFLOP/s to a few TFLOP/s
+
+
+@pytest.mark.parametrize("flags, family, fp32, bf16", [
+    ({"avx2", "fma", "avx512f", "avx512_bf16"}, 0x19, 32e9, 64e9),  # AMD Zen 4: AVX-512 on 256-bit units
+    ({"avx2", "fma", "avx512f"}, 6, 64e9, 64e9),  # Intel, two 512-bit FMA units, no bf16 instructions
+    ({"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16"}, 6, 64e9, 1024e9),  # Intel with AMX
+    ({"avx2", "fma"}, 6, 32e9, 32e9),
+])
+def test_cpu_peak_datasheet_figures(monkeypatch, flags, family, fp32, bf16):
+    """cores x clock x FLOPs per cycle, hand-computed for 1 core at 1 GHz (the measured floor set to 0)."""
+    from lbr_ray.train import flops
+
+    monkeypatch.setattr(flops, "cpu_info", lambda: (flags, family, 1000.0))
+    monkeypatch.setattr(flops, "matmul_flops_per_core", lambda dtype: 0.0)
+    assert flops.cpu_peak_flops(1) == fp32 and flops.cpu_peak_flops(1, torch.bfloat16) == bf16
+
+
+def test_cpu_peak_is_never_below_a_measured_matmul(monkeypatch):
+    """A VM's nominal clock can sit below the boost clock: the peak is at least what a core measures."""
+    from lbr_ray.train import flops
+
+    monkeypatch.setattr(flops, "cpu_info", lambda: ({"avx2", "fma"}, 6, 1.0))  # a 1 MHz "clock"
+    for dtype in (torch.float32, torch.bfloat16):
+        measured = flops.matmul_flops_per_core(dtype)
+        assert measured > 1e9 and flops.cpu_peak_flops(2, dtype) == 2 * measured
+
+
+@pytest.mark.parametrize("overrides, dtype, peak", [
+    (["deepspeed.bf16=true", "model.dtype=float32"], "bfloat16", 989e12),
+    (["deepspeed.bf16=false", "model.dtype=float32"], "float32", 67e12),
+    (["deepspeed.bf16=false", "model.dtype=bfloat16"], "bfloat16", 989e12),
+])
+def test_mfu_peak_and_plan_follow_the_compute_dtype(monkeypatch, tmp_path, overrides, dtype, peak):
+    """Issue 21.6: MFU's peak followed model.dtype alone, so DeepSpeed bf16 with an fp32 model.dtype was measured
+    against an H100's fp32 peak (67 TFLOP/s, not 989: MFU 14.8x too high); lbr plan already counted bf16 there."""
+    from lbr_ray.config import load_config
+    from lbr_ray.config.load import compute_dtype
+    from lbr_ray.plan import Shape, plan_stage
+    from lbr_ray.train.checkpoint import LoopState
+    from lbr_ray.train.worker import WorkerRun
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    cfg = load_config("configs/demo.yaml", overrides)
+    assert compute_dtype(cfg) == dtype
+    run = WorkerRun.__new__(WorkerRun)  # what telemetry() reads of a worker
+    run.cfg, run.stage, run.stage_dir, run.stage_uri, run.rank, run.t0, run.quiet, run.marks = (
+        cfg, "ib_gl", tmp_path, None, 1, None, True, {})
+    assert run.telemetry(10, LoopState()).peak_flops == pytest.approx(peak)
+    s = Shape(params=1000, trainable=1000, hidden=8, kv=8, inter=8, layers=1, vocab=10)
+    assert plan_stage(cfg, s, "ib_gl", 1).parts["weights"] == 1000 * (4 if dtype == "float32" else 2)

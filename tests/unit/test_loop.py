@@ -80,3 +80,49 @@ def test_workers_build_deepspeed_ops_with_the_environments_ninja(monkeypatch, tm
     use_environment_ninja()
     use_environment_ninja()
     assert os.environ["PATH"].split(os.pathsep) == [bindir, str(tmp_path), "/usr/bin", bindir]
+
+
+class TokenEngine(CountingEngine):
+    """1,000 non-padding tokens per micro-batch on each rank."""
+
+    def __call__(self, batch):
+        return {"loss": torch.tensor(1.0), "tokens": torch.tensor(1000)}
+
+
+def _tokens_worker(rank: int, world: int, store: str, queue) -> None:
+    import itertools
+    import time
+    import types
+
+    import torch.distributed as dist
+
+    from lbr_ray.train import telemetry
+
+    clock = itertools.chain([0.0], itertools.repeat(2.0))  # the log window starts at 0 s, is flushed at 2 s
+    monkey = types.SimpleNamespace(perf_counter=lambda: next(clock), time=time.time)
+    telemetry.time = monkey  # a spawned process: nothing to restore
+    dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
+    try:
+        logged = []
+        state = train_loop(TokenEngine(), lambda epoch: iter([{}] * 10), StageConfig(max_steps=2, log_every=2),
+                           LoopState(), Telemetry("t", 2, rank=rank, tb_dir=None, bar=False), world=world,
+                           on_log=logged.append, on_checkpoint=lambda s: None)
+        queue.put((rank, logged[-1]["tokens_per_s"], state.tokens))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_tokens_per_s_of_two_ranks_is_their_sum(tmp_path):
+    """Issue 21.7: the loop multiplied each rank's tokens by the world size and the telemetry summed the ranks
+    again, so 2 ranks of 1,000 tokens/s each reported 4,000. Two gloo processes, a fixed clock: 2,000."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_tokens_worker, args=(r, 2, str(tmp_path / "store"), queue)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    results = sorted(queue.get(timeout=120) for _ in procs)
+    for proc in procs:
+        proc.join(timeout=60)
+    assert [(tps, tokens) for _, tps, tokens in results] == [(2000.0, 4000), (2000.0, 4000)]  # 2 x 2 x 1,000 tokens

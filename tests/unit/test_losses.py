@@ -66,8 +66,9 @@ def _data():
     q, p, n = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
     p[5] = p[1]  # the same positive on both ranks (rank 0 row 1, rank 1 row 1)
     n[6] = p[2]  # a hard negative that is another row's positive
+    q[7] = q[3]  # the same query on both ranks (rank 0 row 3, rank 1 row 3), with different positives
     keys = {"q": torch.arange(8), "p": torch.arange(8) + 100, "n": torch.arange(8) + 200}
-    keys["p"][5], keys["n"][6] = keys["p"][1], keys["p"][2]
+    keys["p"][5], keys["n"][6], keys["q"][7] = keys["p"][1], keys["p"][2], keys["q"][3]
     return q, p, n, keys
 
 
@@ -133,3 +134,30 @@ def test_duplicate_texts_in_a_batch_are_not_negatives():
     ref = F.cross_entropy(torch.stack([q[i] @ torch.stack([p[i], negatives[1]]).T for i in range(2)]) / 0.05,
                           torch.zeros(2, dtype=torch.long))
     assert torch.allclose(masked, ref)
+
+
+def test_twin_queries_and_shared_positives_are_not_negatives():
+    """Issue 21.3: two pairs with the same query made each one's positive a negative of the other (loss floor log 2
+    where it is 0), and in the symmetric term a query sharing this row's positive was a negative."""
+    tau, log2 = 0.05, torch.log(torch.tensor(2.0))
+    x = F.normalize(torch.tensor([[1.0, 0.0]]), dim=-1)
+    tilted = F.normalize(torch.tensor([[1.0, 0.2], [1.0, -0.2]]), dim=-1)
+    nce, sym = InfoNCELoss(tau, gather=False), InfoNCELoss(tau, symmetric=True, gather=False)
+    twins = {"q": torch.tensor([1, 1]), "p": torch.tensor([7, 8])}  # one query text, two positives
+    assert torch.allclose(nce(torch.cat([x, x]), tilted), log2)  # unmasked: the floor
+    assert float(nce(torch.cat([x, x]), tilted, keys=twins)) == 0.0
+    shared = {"q": torch.tensor([1, 2]), "p": torch.tensor([7, 7])}  # two queries, one positive text
+    assert torch.allclose(sym(tilted, torch.cat([x, x])), log2)  # unmasked: each term log 2
+    assert float(sym(tilted, torch.cat([x, x]), keys=shared)) == 0.0
+    # three rows, rows 0 and 1 twins: by hand, each row's cross-entropy over the candidates it keeps
+    torch.manual_seed(0)
+    q, p = F.normalize(torch.randn(3, 4), dim=-1), F.normalize(torch.randn(3, 4), dim=-1)
+    q = torch.stack([q[0], q[0], q[2]])
+    keys = {"q": torch.tensor([1, 1, 2]), "p": torch.tensor([7, 8, 9])}
+    keep = [[0, 2], [1, 2], [0, 1, 2]]  # row 0 drops p1, row 1 drops p0 (forward); q1 / q0 likewise (backward)
+
+    def ce(sim: torch.Tensor) -> torch.Tensor:
+        return torch.stack([-torch.log_softmax(sim[i, keep[i]] / tau, -1)[keep[i].index(i)] for i in range(3)]).mean()
+
+    assert torch.allclose(nce(q, p, keys=keys), ce(q @ p.T), atol=1e-6)
+    assert torch.allclose(sym(q, p, keys=keys), (ce(q @ p.T) + ce(p @ q.T)) / 2, atol=1e-6)

@@ -101,6 +101,28 @@ def test_flex_matches_dense_reference(model_dirs):
 
 
 @pytest.mark.parametrize("backend", ["dense", "kv_split"])
+def test_eager_kernel_matches_sdpa(model_dirs, backend):
+    """model.attn_implementation=eager (faster in bf16 on CPU) runs the same masks: the same states, packed too."""
+    from lbr_ray.layout import pack
+
+    sdpa, tok = build(model_dirs["llama"], backend)
+    cfg = ModelConfig(name=str(model_dirs["llama"]), from_scratch=True, attn_backend=backend, lora=False,
+                      attn_implementation="eager")
+    eager, _ = BottleneckLM.build(cfg, BottleneckConfig(k=3, k_max=4), seed=0)
+    assert eager.lm.config._attn_implementation == "eager" and sdpa.lm.config._attn_implementation == "sdpa"
+    ids, seg = batch(tok)
+    with torch.no_grad():
+        assert (sdpa.hidden(ids, seg) - eager.hidden(ids, seg))[seg != PAD].abs().max() < 1e-5
+    if backend == "dense":  # packed rows: the document mask as well
+        sb = SequenceBuilder(tok, BottleneckConfig(k=3, k_max=4), 24, 24)
+        rows = pack(sb.stage1_rows(TEXTS, "self", ib=True), 200)
+        ids, seg = pad_rows([r[0] for r in rows], [r[1] for r in rows], tok.pad_token_id)
+        with torch.no_grad():
+            ref, got = sdpa.hidden(ids, seg, packed=True), eager.hidden(ids, seg, packed=True)
+        assert (ref - got)[seg != PAD].abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["dense", "kv_split"])
 def test_padding_and_mixed_lengths_match_unpadded_rows(model_dirs, backend):
     model, tok = build(model_dirs["llama"], backend)
     ids, seg = batch(tok)
@@ -133,6 +155,28 @@ def test_lora_model_keeps_mask_and_trains_bottleneck_rows(model_dirs):
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("lora_" in n for n in names) and any("trainable_tokens" in n for n in names)
     assert not any(n.endswith("embed_tokens.weight") and "trainable" not in n for n in names)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_padded_embedding_rows_need_no_padding_mask(model_dirs, arch, dtype):
+    """Right-padded causal rows run without a mask (the kernels' fast causal path): each embedding equals the row's
+    own, unpadded, and equals what the 2-D padding mask gives."""
+    model, tok = build(model_dirs[arch])
+    model = model.to(dtype)
+    sb = SequenceBuilder(tok, BottleneckConfig(k=3, k_max=4), 24, 24)
+    rows = sb.embed_rows(TEXTS)
+    ids, seg = pad_rows([r[0] for r in rows], [r[1] for r in rows], tok.pad_token_id)
+    assert (seg == PAD).any()
+    with torch.no_grad():
+        batch_emb = model.embed(ids, seg)
+        masked = model.decoder(input_ids=ids, attention_mask=(seg != PAD).long()).last_hidden_state
+        for r, (i, s) in enumerate(rows):
+            alone = model.embed(torch.tensor([i]), torch.tensor([s]))
+            assert (batch_emb[r] - alone[0]).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
+        from lbr_ray.model.bottleneck import pool_bottleneck
+
+        assert (pool_bottleneck(masked, seg) - batch_emb).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
 def test_embed_uses_last_bottleneck_state(model_dirs):

@@ -64,3 +64,34 @@ def test_stage_2_rows_carry_text_keys_to_the_loss():
     batch = collate_columns(out, ["q", "p"], pad_id=0)
     keys = batch["p_key"].tolist()
     assert keys[0] == keys[1] != keys[2] and len(set(batch["q_key"].tolist())) == 3
+
+
+def test_the_driver_parses_each_data_file_once_per_run(monkeypatch, tmp_path):
+    """Issue 22: the summary, stage 1's rows, the dev set, stage 2's pairs and --match-compute each read the data;
+    the first read parses each file, later ones replay it, and a changed file is parsed again."""
+    import gzip
+    import shutil
+
+    from lbr_ray.data import readers
+    from lbr_ray.data.summary import input_files, summarize_files
+    from lbr_ray.eval.sets import dev_eval_set
+
+    for name in ("pairs.jsonl.gz", "corpus.jsonl.gz"):
+        shutil.copy(f"data/demo/medical/{name}", tmp_path / name)
+    cfg = load_config("configs/demo.yaml", [f"data.pairs=[{tmp_path / 'pairs.jsonl.gz'}]",
+                                            f"data.corpus=[{tmp_path / 'corpus.jsonl.gz'}]"])
+    parsed = []
+    real = readers._parse
+    monkeypatch.setattr(readers, "_parse", lambda path, *a: parsed.append(path) or real(path, *a))
+    summary = summarize_files(cfg, input_files(cfg))
+    rows1 = ray_data.stage1_rows(cfg, summary.heldout_keys)
+    dev = dev_eval_set(cfg)
+    rows2 = ray_data._local_pairs(cfg, "train")
+    mean_row_tokens(cfg, summary.heldout_keys, sample=8)
+    assert sorted(parsed) == sorted(str(tmp_path / n) for n in ("pairs.jsonl.gz", "corpus.jsonl.gz"))
+    assert len(rows1) > len(rows2) == summary.pairs_by_split["train"] and len(dev.queries) == 200
+    with gzip.open(tmp_path / "pairs.jsonl.gz", "at") as fh:  # the file changes: it is parsed again
+        fh.write('{"query": "one more question?", "positive": "one more answer", "type": "qa", "source": "t"}\n')
+    assert len(ray_data._local_pairs(cfg, "train")) + len(ray_data._local_pairs(cfg, "dev")) + \
+        len(ray_data._local_pairs(cfg, "test")) == sum(summary.pairs_by_split.values()) + 1
+    assert len(parsed) == 3

@@ -55,6 +55,21 @@ def test_qwen05_full_finetune_fits_80g_not_8g_and_advice_fits(qwen_dir):
     assert lora.parts["optimizer"] < ib.parts["optimizer"] / 20  # LoRA: ~1% trainable
 
 
+def test_packed_rows_are_planned_at_pack_length(qwen_dir):
+    """Issue 21.2: the IB-GL row was always 1 + max_input + k_max + max_target tokens, so the GPU suite's packed
+    2,048-token rows were planned at 1,041 tokens (26.5 GiB, 8,328 tokens/step) and pack_length 8,192 the same."""
+    plans = {n: plan(load_config(ROOT / "benchmarks/gpu_suite.yaml", [f"model.name={qwen_dir}",
+                                                                         f"ib_gl.pack_length={n}"]), ("ib_gl",))[0]
+             for n in (2048, 8192)}
+    assert plans[2048].tokens_per_step == 8 * 2048 and plans[8192].tokens_per_step == 8 * 8192
+    assert 43.5 < plans[2048].total / GIB < 44.5  # rows really 2,048 tokens long: ~44.1 GiB
+    for part in ("activations", "logits"):  # the row-length terms scale with the packed rows
+        assert plans[8192].parts[part] == pytest.approx(4 * plans[2048].parts[part], rel=1e-3)
+    unpacked = plan(load_config(ROOT / "benchmarks/gpu_suite.yaml", [f"model.name={qwen_dir}", "ib_gl.pack=false"]),
+                    ("ib_gl",))[0]
+    assert unpacked.tokens_per_step == 8 * 1041 and 26 < unpacked.total / GIB < 27
+
+
 def test_train_refuses_a_plan_that_cannot_fit(qwen_dir, tmp_path, lbr):
     code, err = lbr("train", "--config", "configs/demo.yaml", "--output", tmp_path / "run", "--set",
                     f"model.name={qwen_dir}", "--set", "model.from_scratch=true", "--set", "scaling.gpu_memory=2GiB",

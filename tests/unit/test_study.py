@@ -1,5 +1,5 @@
 """`lbr study` without Ray: bad grids stop with one line, the significance test on constructed runs, the table
-(mean +- std over seeds), seed-stacked paired significance and the plot from constructed cells."""
+(mean +- std over seeds), paired significance over seed-averaged queries and the plot from constructed cells."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from lbr_ray.tune.study import (
-    StudySpec, cell_config, check_spec, grid_cells, markdown, parse_variant, plot, significance, summarize, table,
+    StudySpec, cell_config, check_spec, grid_cells, markdown, parse_variant, plot, significance, spec_from_dict,
+    summarize, table,
 )
 
 
@@ -74,50 +75,105 @@ def test_significance_on_constructed_runs():
     from lbr_ray.eval.trec import paired_significance
 
     qrels = {f"q{i}": {f"d{i}": 1} for i in range(60)}
-    big = paired_significance(qrels, constructed(60, 55, 0), constructed(60, 10, 0), ("lbr", "cl"))
+    big = paired_significance(qrels, [constructed(60, 55, 0)], [constructed(60, 10, 0)], ("lbr", "cl"))
     assert big["significant"] and big["p_value"] <= 0.05 and big["diff"] == pytest.approx(45 / 60)
     assert (big["wins"], big["ties"], big["losses"]) == (45, 15, 0)
-    same = paired_significance(qrels, constructed(60, 30, 0), constructed(60, 30, 1), ("lbr", "cl"))
+    same = paired_significance(qrels, [constructed(60, 30, 0)], [constructed(60, 30, 1)], ("lbr", "cl"))
     assert not same["significant"] and same["p_value"] > 0.5 and same["diff"] == 0
-    t = paired_significance(qrels, constructed(60, 55, 0), constructed(60, 10, 0), ("lbr", "cl"),
+    t = paired_significance(qrels, [constructed(60, 55, 0)], [constructed(60, 10, 0)], ("lbr", "cl"),
                             stat_test="student")
     assert t["significant"] and t["stat_test"] == "student"
 
 
-def test_table_and_seed_stacked_significance_from_cells(tmp_path):
+def write_study(study, n: int, hits: dict) -> list[dict]:
+    """A study folder with qrels and one cell per (variant, seed): `hits[(variant, seed)]` = the queries whose
+    relevant passage is ranked first (an int h: the first h queries). Returns read_cells(study)."""
     from lbr_ray.eval.trec import _write
+    from lbr_ray.tune.study import read_cells
 
-    study, n = tmp_path, 40
-    (study / "qrels").mkdir()
+    (study / "qrels").mkdir(parents=True)
     _write(study / "qrels" / "medical.trec", [f"q{i} 0 d{i} 1" for i in range(n)])
-    hits = {("lbr", 0): 36, ("lbr", 1): 34, ("cl", 0): 8, ("cl", 1): 12}
     for index, ((variant, seed), h) in enumerate(hits.items()):
         cell = study / "cells" / f"{index:05d}_variant={variant}_seed={seed}"
         (cell / "runs").mkdir(parents=True)
-        run = constructed(n, h, seed)
+        run = constructed(n, h, seed) if isinstance(h, int) else {
+            f"q{i}": {f"x{j}": 1.0 - j / 100 for j in range(12)} | {f"d{i}": 2.0 if i in h else 0.5} for i in range(n)}
         _write(cell / "runs" / "medical.trec", [f"{q} Q0 {d} {r + 1} {s} t" for q, docs in run.items()
                                                  for r, (d, s) in enumerate(sorted(docs.items(), key=lambda x: -x[1]))])
+        h = h if isinstance(h, int) else len(h)
         (cell / "cell.json").write_text(json.dumps({"done": True, "variant": variant, "seed": seed,
                                                     "dev_recall@10": h / n, "test": {"medical": {
                                                         "recall@10": h / n, "hard_recall@10": h / n / 2}}}))
-    from lbr_ray.tune.study import read_cells
+    return read_cells(study)
 
+
+def test_table_and_seed_averaged_significance_from_cells(tmp_path):
+    study, n = tmp_path, 40
+    cells = write_study(study, n, {("lbr", 0): 36, ("lbr", 1): 34, ("cl", 0): 8, ("cl", 1): 12})
     spec = StudySpec(target="medical", variants=("lbr", "cl"), seeds=(0, 1), data_root=str(tmp_path))
-    cells = read_cells(study)
     rows = {r["variant"]: r for r in summarize(cells, spec)}
     assert rows["lbr"]["medical"][0] == pytest.approx(35 / 40) and rows["lbr"]["medical"][1] == pytest.approx(
         (2 / 40) / 2 ** 0.5)  # sample std of 36/40 and 34/40
     sig = significance(cells, spec, study)
     assert len(sig) == 1 and sig[0]["treatment"] == "cl" and sig[0]["seeds"] == [0, 1]
-    assert sig[0]["n_queries"] == 2 * n and sig[0]["significant"]  # paired over (seed, query)
+    assert sig[0]["n_queries"] == n and sig[0]["n_seeds"] == 2 and sig[0]["significant"]
     assert sig[0]["diff"] == pytest.approx(35 / 40 - 10 / 40)
+    # per query, seed-averaged: q0-7 both 1.0, q8-11 lbr 1.0 / cl 0.5, q12-33 1.0 / 0, q34-35 0.5 / 0, q36-39 0 / 0
+    assert (sig[0]["wins"], sig[0]["ties"], sig[0]["losses"]) == (28, 12, 0)
     doc = {"finished": True, "cells_done": 4, "cells_total": 4, "model": "m", "steps": {"ib_gl": 1, "gr_cl": 1},
            "wall_s": 1.0, "bm25": {"medical": 0.5}, "significance": sig,
            "table": table(list(rows.values()), spec)}
     md = markdown(doc, spec)
-    assert "| lbr | 0,1 | 0.8750 ± 0.0354" in md and "| medical | cl | 0,1 | 80 | +0.6250" in md
+    assert "| lbr | 0,1 | 0.8750 ± 0.0354" in md and "| medical | cl | 0,1 | 40 | +0.6250 | 28/12/0" in md
+    assert "averaged over the seeds both ran, then Fisher's randomization test" in md
     assert "Hard query types only" in md and "| lbr | 0.4375 ± 0.0177 |" in md
     assert plot(list(rows.values()), {"medical": 0.5}, spec, tmp_path / "s.png").stat().st_size > 5000
+
+
+def test_copies_of_a_seed_add_no_significance(tmp_path):
+    """Issue 21.1: runs stacked over seeds made every (seed, query) a sample, so the same two runs copied under 1,
+    3 and 5 seeds grew "significant"; each query is one sample, its R@10 averaged over the seeds."""
+    n, p_values = 60, []
+    for seeds in (1, 3, 5):
+        hits = {(v, s): h for s in range(seeds) for v, h in (("lbr", 26), ("cl", 20))}
+        spec = StudySpec(target="medical", variants=("lbr", "cl"), seeds=tuple(range(seeds)), data_root="x")
+        sig = significance(write_study(tmp_path / str(seeds), n, hits), spec, tmp_path / str(seeds))[0]
+        assert sig["n_queries"] == n and sig["diff"] == pytest.approx(6 / 60)
+        assert (sig["wins"], sig["ties"], sig["losses"]) == (6, 54, 0)
+        p_values.append(sig["p_value"])
+    assert p_values[0] == p_values[1] == p_values[2] > 0.01  # 6 of 60 queries: not significant at 0.01
+    # lbr finds q0-q9 at seed 0 and q10-q19 at seed 1, cl the other way round: per query the same mean R@10
+    hits = {("lbr", 0): set(range(10)), ("lbr", 1): set(range(10, 20)), ("cl", 0): set(range(10, 20)),
+            ("cl", 1): set(range(10))}
+    spec = StudySpec(target="medical", variants=("lbr", "cl"), seeds=(0, 1), data_root="x")
+    sig = significance(write_study(tmp_path / "swap", n, hits), spec, tmp_path / "swap")[0]
+    assert (sig["wins"], sig["ties"], sig["losses"], sig["p_value"]) == (0, n, 0, 1.0)
+
+
+def test_rescore_recomputes_a_studys_significance(tmp_path):
+    from lbr_ray.tune.study import rescore
+
+    cells = write_study(tmp_path, 40, {("lbr", 0): 36, ("cl", 0): 8})
+    spec = {"target": "medical", "variants": ["lbr", "cl"], "seeds": [0], "data_root": "x", "domains": ["medical"]}
+    doc = {"spec": spec, "finished": True, "cells_done": 2, "cells_total": 2, "model": "m", "wall_s": 1.0,
+           "steps": {"ib_gl": 1, "gr_cl": 1}, "bm25": {"medical": 0.5}, "cells": cells,
+           "significance": [{"domain": "medical", "treatment": "cl", "seeds": [0, 0], "n_queries": 80, "diff": 0.7,
+                             "wins": 1, "ties": 0, "losses": 0, "p_value": 0.5, "significant": False}],
+           "table": table(summarize(cells, spec_from_dict(spec)), spec_from_dict(spec))}
+    (tmp_path / "results.json").write_text(json.dumps(doc))
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from lbr_ray.errors import ConfigError
+
+    out = CliRunner().invoke(app, ["study", "--output", str(tmp_path), "--rescore"])
+    assert out.exit_code == 0, out.output
+    new = json.loads((tmp_path / "results.json").read_text())
+    assert new["significance"] == rescore(tmp_path)["significance"]
+    assert new["significance"][0]["n_queries"] == 40 and new["significance"][0]["p_value"] < 1e-3
+    assert "| medical | cl | 0 | 40 | +0.7000 | 28/12/0 |" in (tmp_path / "results.md").read_text()
+    bad = CliRunner().invoke(app, ["study", "--output", str(tmp_path / "none"), "--rescore"])
+    assert isinstance(bad.exception, ConfigError) and "holds no results.json to rescore" in str(bad.exception)
 
 
 def test_trec_files_round_trip_and_read_with_ranx(tmp_path):
@@ -138,3 +194,30 @@ def test_trec_files_round_trip_and_read_with_ranx(tmp_path):
                                                                                 "doc_a": 0.1}}  # -1 slot skipped
     assert len(Run.from_file(str(tmp_path / "r.trec"), kind="trec")) == 2
     assert len(Qrels.from_file(str(tmp_path / "q.trec"), kind="trec")) == 2
+
+
+def test_a_run_read_back_scores_what_the_evaluator_scored(tmp_path):
+    """Issue 21.8: TREC doc ids were the corpus ids as they are, and the demo medical corpus gives one id to
+    different passages, so a run read back lost ranked entries and ranx scored it differently from the evaluator.
+    BM25 on the whole medical test set, written and read back, scored by ranx: the evaluator's figures exactly."""
+    from ranx import Qrels, Run, evaluate
+
+    from lbr_ray.eval.baselines import BM25Retriever
+    from lbr_ray.eval.evaluator import EvalOptions, RetrievalEvaluator
+    from lbr_ray.eval.metrics import DEFAULT_METRICS, per_query_metrics
+    from lbr_ray.eval.trec import read_qrels, read_run, write_qrels, write_run
+
+    ev = RetrievalEvaluator(EvalOptions(domains=("medical",), data_root="data/demo", num_workers=0),
+                            keep_ranking=True, log=lambda msg: None)
+    res = ev.evaluate(BM25Retriever(), "bm25")["domains"]["medical"]
+    eset = ev.eval_set("medical")
+    assert len(set(eset.doc_ids)) == len(eset.doc_ids)  # one id per passage
+    write_run(eset, res["top"], res["scores"], tmp_path / "run.trec", "bm25")
+    write_qrels(eset, tmp_path / "qrels.trec")
+    run = read_run(tmp_path / "run.trec")
+    assert sum(map(len, run.values())) == int((res["top"] >= 0).sum())  # no ranked entry lost
+    metrics = (*DEFAULT_METRICS, "mrr@100", "ndcg@100")  # deep metrics see every lost entry
+    scores = evaluate(Qrels(read_qrels(tmp_path / "qrels.trec")), Run(run), list(metrics))
+    mine = {m: float(v.mean()) for m, v in per_query_metrics(res["top"], eset.qrels, metrics).items()}
+    assert {m: mine[m] for m in DEFAULT_METRICS} == {m: res["rows"][0][m] for m in DEFAULT_METRICS}
+    assert scores == pytest.approx(mine, abs=1e-9)

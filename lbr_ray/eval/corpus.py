@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 
 from lbr_ray.config.schema import SplitConfig
-from lbr_ray.data.readers import read_all
 from lbr_ray.data.split import text_key
 from lbr_ray.eval.encode import EncodeUDF, _fetch_cache, _publish, _ShardWriter, _tmp_folder, gpu_share, read_cache
 from lbr_ray.eval.sets import EvalSetError, _by_hash, _split_queries, difficulty, domain_dir
@@ -87,29 +86,35 @@ def _sources(data_root: str | Path, domains: tuple[str, ...]) -> list[Path]:
                                                                                                           "corpus"))]
 
 
-def set_key(data_root, domains, split: SplitConfig, max_queries, seed, joint) -> str:
+def set_key(data_root, domains, split: SplitConfig, max_queries, seed, joint, max_corpus=None) -> str:
     """What a saved set depends on: each source file's path, size and modification time, and the options."""
     files = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in _sources(data_root, domains)]
     blob = json.dumps([VERSION, files, split.model_dump() if hasattr(split, "model_dump") else str(split),
-                       max_queries, seed, joint], sort_keys=True, default=str)
+                       max_queries, seed, joint, max_corpus], sort_keys=True, default=str)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 
 def build_streamed_set(data_root: str | Path, domains: tuple[str, ...], cache_dir: str | Path,
                        split: SplitConfig = SplitConfig(), max_queries: int | None = None, seed: int = 0,
-                       joint: bool = False, log=print) -> StreamedSet:
-    """One domain's set (`domains=(d,)`), or all of them as one corpus (`joint=True`), built or read back."""
+                       joint: bool = False, log=print, max_corpus: int | None = None) -> StreamedSet:
+    """One domain's set (`domains=(d,)`), or all of them as one corpus (`joint=True`), built or read back.
+    `max_corpus` (one domain only) takes lbr_ray.eval.sets' sample, built in memory as there: the same passages
+    in the same rows."""
     if not joint and len(domains) != 1:
         raise EvalSetError("a per-domain streamed set takes one domain; pass joint=True for one corpus of several")
     name = "joint" if joint else domains[0]
-    folder = Path(cache_dir) / "corpora" / f"{name}-{set_key(data_root, domains, split, max_queries, seed, joint)}"
+    key = set_key(data_root, domains, split, max_queries, seed, joint, max_corpus)
+    folder = Path(cache_dir) / "corpora" / f"{name}-{key}"
     if (folder / MANIFEST).is_file():
         return _load(folder)
     start = time.perf_counter()
     tmp = _tmp_folder(folder)
     tmp.mkdir(parents=True)
     try:
-        _build(tmp, data_root, domains, name, split, max_queries, seed, joint)
+        if max_corpus is None:
+            _build(tmp, data_root, domains, name, split, max_queries, seed, joint)
+        else:
+            _build_capped(tmp, data_root, name, split, max_queries, max_corpus, seed)
     except BaseException:
         import shutil
 
@@ -139,11 +144,11 @@ def _build(out: Path, data_root, domains, name, split, max_queries, seed, joint)
         files = sorted(domain_dir(data_root, d).glob("corpus*"))
         if not files:
             notes.append(f"{d}: no corpus file, so its passages are its {'positives' if joint else 'test positives'}")
-        for rec in read_all([str(f) for f in files], "corpus"):
+        for rec in _stream(files, "corpus"):
             spill.add(rec["id"], rec["text"])
     if joint:  # every passage: the positives of every split
         for d in domains:
-            for rec in read_all([str(f) for f in sorted(domain_dir(data_root, d).glob("pairs*"))], "pairs"):
+            for rec in _stream(sorted(domain_dir(data_root, d).glob("pairs*")), "pairs"):
                 spill.add(None, rec["positive"])
     else:
         for q in queries:
@@ -153,15 +158,44 @@ def _build(out: Path, data_root, domains, name, split, max_queries, seed, joint)
     if not spill.n:
         raise EvalSetError(f"empty corpus for {name}")
     qrels = [sorted({spill.row_of[text_key(p)] for p in grouped[q]["positives"]}) for q in queries]
-    meta = {"version": VERSION, "domain": name, "n": spill.n, "digest": spill.digest.hexdigest(),
-            "parts": spill.parts, "n_distractors": spill.n - len({spill.row_of[k] for k in wanted}), "notes": notes,
-            "queries": queries, "query_types": [grouped[q]["type"] for q in queries],
-            "query_difficulty": [difficulty(grouped[q]["type"], grouped[q]["source"]) for q in queries],
-            "qrels": qrels}
+    _save(out, name, spill, spill.unique_ids(), queries, [grouped[q]["type"] for q in queries],
+          [difficulty(grouped[q]["type"], grouped[q]["source"]) for q in queries], qrels,
+          spill.n - len({spill.row_of[k] for k in wanted}), notes)
+
+
+def _stream(files, kind: str):
+    """Checked records of the files as they are parsed: not through the reader's per-process memo
+    (lbr_ray.data.readers._parsed), which keeps every record of a file up to 32 MB on disk (compressed)."""
+    from lbr_ray.data.readers import MAX_RECORD_BYTES, _parse
+    from lbr_ray.errors import DataError
+
+    for f in files:
+        for _, item in _parse(str(f), kind, MAX_RECORD_BYTES):
+            if isinstance(item, DataError):
+                raise item
+            yield item
+
+
+def _build_capped(out: Path, data_root, name, split, max_queries, max_corpus, seed) -> None:
+    from lbr_ray.eval.sets import build_eval_set
+
+    eset = build_eval_set(data_root, name, split, max_queries, max_corpus, seed)
+    spill = _Spill(out, set())
+    for text in eset.doc_texts:  # already distinct: row i stays row i
+        spill.add("", text)
+    spill.close()
+    _save(out, name, spill, list(eset.doc_ids), eset.queries, eset.query_types, eset.query_difficulty,
+          [q.tolist() for q in eset.qrels], eset.n_distractors, eset.notes)
+
+
+def _save(out: Path, name, spill, ids, queries, types, difficulties, qrels, n_distractors, notes) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    pq.write_table(pa.table({"id": spill.unique_ids()}), out / "ids.parquet")
+    meta = {"version": VERSION, "domain": name, "n": spill.n, "digest": spill.digest.hexdigest(),
+            "parts": spill.parts, "n_distractors": n_distractors, "notes": notes, "queries": queries,
+            "query_types": types, "query_difficulty": difficulties, "qrels": qrels}
+    pq.write_table(pa.table({"id": ids}), out / "ids.parquet")
     (out / MANIFEST).write_text(json.dumps(meta))
 
 
@@ -214,11 +248,14 @@ class _Spill:
         self.seen = set()
 
     def unique_ids(self) -> list[str]:
-        """Ids unique per passage: an id that several distinct texts carry gets `#<text key>` appended."""
-        ids = np.asarray(self.ids, dtype=object)
+        """One id per passage as lbr_ray.eval.sets.unique_ids makes them (whitespace replaced; an id several
+        passages share gets `~` + the first 12 hex digits of the passage's text key)."""
+        from lbr_ray.eval.trec import doc_id
+
+        ids = np.asarray([doc_id(i) for i in self.ids], dtype=object)
         _, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
         for row in np.flatnonzero(counts[inverse] > 1):
-            ids[row] = f"{ids[row]}#{self.keys[row]:016x}"
+            ids[row] = f"{ids[row]}~{self.keys[row]:016x}"[: len(ids[row]) + 13]
         return ids.tolist()
 
 

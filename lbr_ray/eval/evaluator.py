@@ -129,7 +129,7 @@ class RetrievalEvaluator:
                 joint = o.corpus == "joint"
                 self.sets[domain] = build_streamed_set(o.data_root, o.domains if joint else (domain,),
                                                        _local_cache(o.cache_dir), o.split, o.max_queries, o.seed,
-                                                       joint, self.log)
+                                                       joint, self.log, o.max_corpus)
                 return self.sets[domain]
             self.sets[domain] = build_eval_set(o.data_root, domain, o.split, o.max_queries, o.max_corpus, o.seed)
         return self.sets[domain]
@@ -286,9 +286,9 @@ def check_streamed(o: EvalOptions) -> None:
         raise LbrError(f"--corpus must be domain or joint, got {o.corpus!r}")
     if not o.streamed:
         return
-    if o.max_corpus is not None:
-        raise LbrError("--max-corpus cannot be combined with --index auto or --corpus joint: corpus-scale "
-                       "evaluation searches every passage (cap the queries with --max-queries)")
+    if o.max_corpus is not None and o.corpus == "joint":
+        raise LbrError("--max-corpus cannot be combined with --corpus joint: the joint corpus is every passage "
+                       "(cap the queries with --max-queries)")
     if not (o.index == "auto" or is_exact(o.index) or o.index.upper().startswith("IVF")):
         raise LbrError(f"--index {o.index} with --corpus joint: corpus-scale search takes auto, Flat, exact or an "
                        "IVF factory string (e.g. IVF1024,PQ32x4fs)")

@@ -239,7 +239,7 @@ def test_evaluator_index_auto_end_to_end_in_process(tmp_path, monkeypatch):
 @pytest.mark.parametrize("args,needle", [
     (["--index", "auto", "--index-memory", "lots"], "--index-memory 'lots'"),
     (["--corpus", "joint", "--index", "HNSW32"], "IVF factory string"),
-    (["--index", "auto", "--max-corpus", "5"], "--max-corpus cannot"),
+    (["--corpus", "joint", "--index", "auto", "--max-corpus", "5"], "--max-corpus cannot"),
     (["--corpus", "everything"], "--corpus must be domain or joint")])
 def test_cli_refuses_corpus_scale_options_before_any_work(lbr, tmp_path, args, needle):
     code, err = lbr("eval", "--baseline", "bm25", "--domains", "medical", "--data-root", ROOT / "data" / "demo",

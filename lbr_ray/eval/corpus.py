@@ -82,8 +82,9 @@ class StreamedSet:
 
 
 def _sources(data_root: str | Path, domains: tuple[str, ...]) -> list[Path]:
-    return [f for d in domains for f in sorted(domain_dir(data_root, d).glob("*")) if f.name.startswith(("pairs",
-                                                                                                          "corpus"))]
+    """The pairs* and corpus* files of the domains: what a set is built from."""
+    return [f for d in domains for f in sorted(domain_dir(data_root, d).glob("*"))
+            if f.name.startswith(("pairs", "corpus"))]
 
 
 def set_key(data_root, domains, split: SplitConfig, max_queries, seed, joint, max_corpus=None) -> str:

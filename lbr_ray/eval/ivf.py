@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from lbr_ray.errors import LbrError
-from lbr_ray.eval.index import ShardGroup, _pad, merge_topk
+from lbr_ray.eval.index import ShardGroup, _pad, is_exact, merge_topk
 
 MANIFEST = "manifest.json"  # written last into an index folder: only folders holding it are reused
 EXACT_MAX_ROWS = 50_000  # below this, chunked exact search is fast enough that an ANN index does not pay off
@@ -107,7 +107,7 @@ def plan_index(n: int, dim: int, k: int = 100, budget: int | None = None, use_gp
     m = pq_size(dim)
     if not m:
         raise CorpusIndexError(f"the vectors ({_gib(n * flat)}) exceed --index-memory {_gib(budget)} and their size "
-                               f"{dim} has no PQ split (a multiple of 8); raise --index-memory")
+                               f"{dim} splits into no PQ (8 or more parts of >= 6 dimensions); raise --index-memory")
     code = m if use_gpu else m // 2
     while m > 8 and n * (code + 8) > budget:  # halving keeps m a divisor of dim
         m //= 2
@@ -127,8 +127,6 @@ def _gib(b: float) -> str:
 
 def spec_plan(spec: str, n: int, dim: int, k: int = 100) -> IndexPlan:
     """An IndexPlan for an explicit FAISS factory string (PQ codes are re-ranked, Flat lists are not)."""
-    from lbr_ray.eval.index import is_exact
-
     if is_exact(spec):
         return IndexPlan("exact", n, dim, 0, 4 * dim, 0, f"--index {spec}: exact search")
     pq = re.search(r"PQ(\d+)(x4fs)?", spec)
@@ -249,11 +247,6 @@ class IVFShard:
         faiss.write_index(self.cpu[0], path)
         return os.path.getsize(path)
 
-    def rss(self) -> int:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-
     def memory(self) -> dict:
         """This process's resident bytes, and how many of them are mapped file pages (the embedding parts read
         for re-ranking and exact search: page cache the kernel can drop, not the shard's own memory)."""
@@ -283,9 +276,11 @@ class IVFShard:
             out.append(_pad(np.where(rows >= 0, scores, -np.inf).astype(np.float32), rows.astype(np.int64), k))
         return merge_topk(out, k)
 
-    def _exact_scores(self, q: np.ndarray, rows: np.ndarray, block: int = 64) -> np.ndarray:
-        """Each query's inner product with its own candidates' stored vectors ([Q, depth]; -inf for row -1)."""
+    def _exact_scores(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Each query's inner product with its own candidates' stored vectors ([Q, depth]; -inf for row -1),
+        gathered for ~32 MB of candidate vectors at a time."""
         out = np.full(rows.shape, -np.inf, dtype=np.float32)
+        block = max(1, (32 << 20) // (rows.shape[1] * q.shape[1] * 4))
         for s in range(0, len(q), block):
             cand = rows[s:s + block]
             uniq, pos = np.unique(np.maximum(cand, 0), return_inverse=True)
@@ -298,14 +293,14 @@ class IVFShard:
         import faiss
 
         q = np.ascontiguousarray(q, dtype=np.float32)
-        best = [(np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))]
+        best = (np.full((len(q), k), -np.inf, np.float32), np.full((len(q), k), -1, np.int64))
         for emb, rows in self.data.chunks():
             kk = min(k, len(rows))
             scores, local = faiss.knn_gpu(self.gpu_res, q, emb, kk, metric=faiss.METRIC_INNER_PRODUCT) \
                 if self.use_gpu else faiss.knn(q, emb, kk, metric=faiss.METRIC_INNER_PRODUCT)
             found = np.where(local >= 0, rows[np.maximum(local, 0)], -1)
-            best = [merge_topk(best + [(np.where(local >= 0, scores, -np.inf).astype(np.float32), found)], k)]
-        return best[0]
+            best = merge_topk([best, (np.where(local >= 0, scores, -np.inf).astype(np.float32), found)], k)
+        return best
 
 
 def _to_gpu(index, res):
@@ -459,10 +454,6 @@ class CorpusIndex(ShardGroup):
         import ray
 
         return ray.put(q)
-
-    def worker_rss(self) -> list[int]:
-        """Resident memory of each shard's process (in-process shards: the driver's)."""
-        return self._call("rss")
 
     def worker_memory(self) -> list[dict]:
         """IVFShard.memory of each shard's process (in-process shards: the driver's)."""

@@ -364,7 +364,10 @@ def _encode_ray(ref, files: list[str], n: int, batch_size: int, num_workers: int
     ray.data.DataContext.get_current().enable_progress_bars = False
     cpus = 1 if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
     per_batch = max(1, min(1024, -(-n // (num_workers * 4))))
-    ds = ray.data.read_parquet(files, columns=["row", "text"], num_cpus=0)
+    # >= 4 blocks per actor: an actor pool gets one block per task, and a few parts read as one block kept an
+    # actor idle (135k passages in 3 parts)
+    ds = ray.data.read_parquet(files, columns=["row", "text"], num_cpus=0,
+                               override_num_blocks=max(len(files), 4 * num_workers))
     ds = ds.map_batches(
         _PassageUDF, fn_constructor_kwargs={"ref": ref, "batch_size": batch_size, "threads": cpus},
         batch_size=per_batch, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_workers),

@@ -196,7 +196,7 @@ class RetrievalEvaluator:
             return {**run, "encoded_passages": docs.encoded, "encoded_queries": queries.encoded,
                     "encode_pass_seconds": docs.seconds, "dim": docs.dim}
         shards = list(docs.shards())
-        if o.index == "auto" or o.index_params == "auto":
+        if o.index_params == "auto":  # (--index auto took the corpus-scale path above)
             return self._dense_auto(q, shards, k, use_gpu, threads, docs, queries)
         start = time.perf_counter()
         scores, top = search_shards(shards, q, k, o.index, o.index_params, o.num_workers, use_gpu, threads)
@@ -210,17 +210,15 @@ class RetrievalEvaluator:
         return run
 
     def _dense_auto(self, q, shards, k: int, use_gpu: bool, threads: int, docs, queries) -> dict:
-        """`--index auto` / `--index-params auto`: the cheapest search parameter reaching recall@10 >= 0.99 against
+        """`--index-params auto` with a given index: the cheapest search parameter reaching recall@10 >= 0.99 against
         exact search on a sample of the queries, then every query searched with it; both indexes are built
         once and only their searches are timed, so `qps_ratio_vs_exact` compares search speed alone. An ANN index
         that is slower than exact search at that recall (small corpora, BLAS-fast exact search) is reported but
         not used (`used: exact`)."""
-        from lbr_ray.eval.index import AUTO_TARGET, ShardedIndex, auto_spec, group_shards, tune_search_params
+        from lbr_ray.eval.index import AUTO_TARGET, ShardedIndex, tune_search_params
 
         o = self.opts
         spec = o.index
-        if spec == "auto":
-            spec = auto_spec(min(len(r) for _, r in group_shards(shards, max(o.num_workers, 1))))
         sample = q[np.random.default_rng(o.seed).permutation(len(q))[: min(len(q), 1000)]]
         with ShardedIndex(shards, "Flat", "", o.num_workers, use_gpu, threads) as flat:
             start = time.perf_counter()

@@ -215,15 +215,6 @@ def search_shards(shards: list[tuple[np.ndarray, np.ndarray]], q: np.ndarray, k:
 AUTO_TARGET = 0.99  # recall@10 against exact search that `--index-params auto` must reach on the sample
 
 
-def auto_spec(n_rows_per_shard: int) -> str:
-    """`--index auto`: an IVF index sized to the shard, nlist ~ 4 sqrt(n) (a power of two, >= 39 rows per list
-    for FAISS's k-means), or Flat for shards too small for an IVF index to pay off."""
-    if n_rows_per_shard < 4096:
-        return "Flat"
-    nlist = 2 ** int(np.log2(4 * np.sqrt(n_rows_per_shard)))
-    return f"IVF{min(nlist, n_rows_per_shard // 39)},Flat"
-
-
 def search_param_candidates(spec: str) -> list[str]:
     """Search parameters of an ANN index from cheapest to most exact: nprobe (IVF) or efSearch (HNSW)."""
     up = spec.upper()

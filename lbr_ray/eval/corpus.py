@@ -27,7 +27,7 @@ from lbr_ray.data.split import text_key
 from lbr_ray.eval.encode import EncodeUDF, _fetch_cache, _publish, _ShardWriter, _tmp_folder, gpu_share, read_cache
 from lbr_ray.eval.sets import EvalSetError, _by_hash, _split_queries, difficulty, domain_dir
 
-SPILL_ROWS = 65_536  # passages per parquet part of a spilled corpus
+SPILL_ROWS = 16_384  # passages per parquet part of a spilled corpus (one encoder task each)
 PART_ROWS = 65_536  # embeddings per `.npy` part written by encode_streamed
 MANIFEST = "manifest.json"
 VERSION = 1  # bump when the layout of a saved set changes
@@ -301,7 +301,7 @@ def encode_streamed(ref, sset: StreamedSet, cache_dir: str | Path, num_workers: 
     buf: list[tuple[np.ndarray, np.ndarray]] = []
     try:
         batches = _encode_local(ref, files, batch_size) if num_workers == 0 else \
-            _encode_ray(ref, files, n, batch_size, num_workers, use_gpu)
+            _encode_ray(ref, files, batch_size, num_workers, use_gpu)
         for rows, emb in batches:
             first = first or (time.perf_counter(), len(rows))
             buf.append((rows, emb))
@@ -338,10 +338,17 @@ def _passage_batch(batch: dict) -> dict:
 
 
 class _PassageUDF(EncodeUDF):
-    """The encoder actors' callable for spilled (row, text) batches."""
+    """The encoder actors' callable: each input row names a spilled parquet part, which is read and encoded here."""
 
     def __call__(self, batch: dict) -> dict:
-        return super().__call__(_passage_batch(batch))
+        import pyarrow.parquet as pq
+
+        out = []
+        for path in batch["file"]:
+            table = pq.read_table(str(path), columns=["row", "text"])
+            out.append(super().__call__(_passage_batch({"row": table["row"].to_numpy(),
+                                                        "text": table["text"].to_pylist()})))
+        return {key: np.concatenate([o[key] for o in out]) for key in ("job", "row", "emb")}
 
 
 def _encode_local(ref, files: list[str], batch_size: int, rows_per_call: int = 1024):
@@ -354,7 +361,7 @@ def _encode_local(ref, files: list[str], batch_size: int, rows_per_call: int = 1
             yield out["row"], out["emb"]
 
 
-def _encode_ray(ref, files: list[str], n: int, batch_size: int, num_workers: int, use_gpu: bool):
+def _encode_ray(ref, files: list[str], batch_size: int, num_workers: int, use_gpu: bool):
     import logging
 
     import ray
@@ -363,17 +370,13 @@ def _encode_ray(ref, files: list[str], n: int, batch_size: int, num_workers: int
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cpus = 1 if use_gpu else max(1, int(ray.cluster_resources().get("CPU", 1)) // num_workers)
-    per_batch = max(1, min(1024, -(-n // (num_workers * 4))))
-    # >= 4 blocks per actor: an actor pool gets one block per task, and a few parts read as one block kept an
-    # actor idle (135k passages in 3 parts)
-    ds = ray.data.read_parquet(files, columns=["row", "text"], num_cpus=0,
-                               override_num_blocks=max(len(files), 4 * num_workers))
+    # one task per part, named by path (the actors read it): Ray Data's parquet reader made one block of a few
+    # parts, and an actor pool gets work a block at a time, so one of two actors stood idle
+    ds = ray.data.from_items([{"file": f} for f in files], override_num_blocks=len(files))
     ds = ds.map_batches(
         _PassageUDF, fn_constructor_kwargs={"ref": ref, "batch_size": batch_size, "threads": cpus},
-        batch_size=per_batch, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_workers),
-        # the actors ask for half their threads' CPUs: Ray Data keeps part of the cluster for the read operator,
-        # and actors holding every CPU stalled the reads (2 CPUs: 2 actors of 1 hung, of 0.5 ran)
-        num_gpus=gpu_share(num_workers) if use_gpu else 0, num_cpus=cpus / 2,
+        batch_size=1, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_workers),
+        num_gpus=gpu_share(num_workers) if use_gpu else 0, num_cpus=cpus,
     )
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         emb = batch["emb"]

@@ -122,7 +122,7 @@ def plan_index(n: int, dim: int, k: int = 100, budget: int | None = None, use_gp
 
 
 def _gib(b: float) -> str:
-    return f"{b / 2 ** 30:.2f} GiB"
+    return f"{b / 2 ** 30:.2f} GiB" if b >= 2 ** 30 else f"{b / 2 ** 20:.1f} MiB"
 
 
 def spec_plan(spec: str, n: int, dim: int, k: int = 100) -> IndexPlan:
@@ -515,7 +515,8 @@ def search_corpus(folder: str | Path, parts: list[str], n: int, dim: int, q: np.
     2 x TUNE_QUERIES sampled queries, computed chunk by chunk, gives the reference: the cheapest nprobe reaching
     recall@10 >= AUTO_TARGET on the first half is chosen (`index_params="auto"`), all queries are searched with it,
     and recall@10 against exact search is reported on the other half (queries the tuning never saw) next to the
-    queries/s of both searches. The reference (and its search time) is saved in the index folder under
+    queries/s of both searches; with `index="auto"`, an index slower than exact search is not used (`used: exact`,
+    every query searched exactly). The reference (and its search time) is saved in the index folder under
     `queries_key` (the query embeddings' cache name) and read back by the next run with the same queries. For the
     exact plan every query is searched exactly."""
     from lbr_ray.eval.index import AUTO_TARGET
@@ -553,8 +554,15 @@ def search_corpus(folder: str | Path, parts: list[str], n: int, dim: int, q: np.
         reference = exact_top[len(tune):] if len(pick) > 1 else exact_top
         recall = ann_recall(top[held], reference, min(10, k))
         qps, qps_exact = len(q) / max(search_s, 1e-9), len(pick) / max(exact_s, 1e-9)
+        slower = qps < qps_exact and index == "auto"  # an index slower than exact search is reported, not used
         log(f"  {plan.spec} {params}: recall@10 vs exact {recall:.4f} on {len(held)} queries not used for tuning "
-            f"(target {AUTO_TARGET}), {qps:.0f} q/s vs {qps_exact:.1f} q/s exact ({qps / qps_exact:.1f}x)")
+            f"(target {AUTO_TARGET}), {qps:.0f} q/s vs {qps_exact:.1f} q/s exact ({qps / qps_exact:.1f}x)"
+            + ("; slower than exact search, so every query is searched exactly" if slower else ""))
+        if slower:
+            start = time.perf_counter()
+            scores, top = ix.exact(q, k)
+            run.update(used="exact", ann_search_seconds=search_s)
+            search_s = time.perf_counter() - start
         run.update({"index_params": params, "top": top, "scores": scores, "search_seconds": search_s,
                     "ann_recall@10": recall, "ann_recall_queries": len(held), "exact_search_seconds": exact_s,
                     "exact_queries": len(pick), "qps_exact": qps_exact, "qps_ratio_vs_exact": qps / qps_exact,

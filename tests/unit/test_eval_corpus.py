@@ -228,6 +228,7 @@ def test_evaluator_index_auto_end_to_end_in_process(tmp_path, monkeypatch):
     assert first["index"] == "IVF64,PQ8x4fs" and first["index_params"].startswith("nprobe=")
     assert first["ann_recall@10"] >= 0.9 and first["qps_ratio_vs_exact"] > 0 and first["corpus_size"] == 4001
     assert first["index_build"]["reused"] is False and first["index_build"]["bytes_per_vector"] < 20
+    assert (first["used"] == "exact") == (first["qps_ratio_vs_exact"] < 1)  # a slower index is reported, not used
     assert first["rows"][0]["recall@10"] > 0.5  # the fake encoder finds the positives it was given
     second = RetrievalEvaluator(opts, log=lambda *_: None).evaluate(object_ref(_Tiny(64)), "tiny")["domains"]["dom"]
     assert second["encoded_passages"] == 0 and second["index_build"]["reused"] is True

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The GPU suite of issue 11: lbr-ray on one GPU through Ray Train + DeepSpeed, measured, in one command that ends
-# within SUITE_BUDGET seconds (default 470) and writes 8 files to $OUT (docs/performance.md, "The GPU suite"):
+# within SUITE_BUDGET seconds (default 470) and writes 9 files to $OUT (docs/performance.md, "The GPU suite"):
 #
 #   suite.log      everything the suite printed          timings.jsonl  one line per phase: seconds, exit code
 #   env.json       machine, versions, bundle install      train.json     phases train + eval (lbr train, lbr eval)
 #   overhead.json  phase overhead (overhead.py)           backends.json  phase backends (attention.py)
 #   fused_ce.json  phase fused_ce (fused_ce.py)           logs.tar.gz    the run's logs, metrics and reports
+#   gradcache.json phase gradcache (gradcache.py)
 #
 # Phases, each under its own time limit (cut to what is left of the budget) and writing its file when it ends:
 #   install   .gpu_bundle (benchmarks/gpu_bundle.sh) and lbr itself into a pip --target folder on PYTHONPATH
@@ -15,6 +16,8 @@
 #   overhead  the stage's first 30 batches through a plain torch loop and DeepSpeed's engine in one process, against
 #             the train phase's IB-GL stage (Ray Train + Ray Data + DeepSpeed) on the same batches
 #   fused_ce  lbr's LM head against liger-kernel's fused linear cross-entropy at the 151,936-token vocabulary
+#   gradcache GR-CL's step with and without gr_cl.cache_chunk (GradCache): peak GPU memory and step time against
+#             the batch, up to a batch the plain step cannot hold
 #   backends  dense / flex / kv_split x padded / packed rows, tokens/s, MFU, peak memory (model step, no Ray)
 #
 #   bash benchmarks/gpu_suite.sh                     # on the GPU machine (carry .gpu_bundle)
@@ -64,12 +67,14 @@ if [[ $SMOKE == 1 ]]; then
   BACKENDS=(--lengths 32 --batch 2 --repeats 1)
   FUSED=(--hidden 64 --vocab 4096 --rows 256 --repeats 2)
   OVERHEAD=(--steps 4 --log-every 2)  # = the train phase's IB-GL steps and logging
+  GRADCACHE=(--batches 4 --cached-only 16 --chunk 2 --steps 1)
 else
   PRESET=qwen0.5b DEVICE=cuda GPU=--gpu RUN_SET=() TRAIN_SET=()
   EVAL_CAP=(--max-queries 200 --max-corpus 1000)
   BACKENDS=(--lengths 1024,512 --batch 8 --repeats 5)
   FUSED=(--rows 4096,16384 --repeats 5)
   OVERHEAD=(--steps 30 --log-every 5)  # = benchmarks/gpu_suite.yaml's ib_gl.max_steps and log_every
+  GRADCACHE=(--batches 32 --cached-only 256 --chunk 16 --steps 2)  # plan: 59 GiB at 32; 410 / 21 at 256
 fi
 
 phase() {  # phase NAME LIMIT_S CMD...: run CMD under `timeout` (cut to the suite's deadline), log to timings.jsonl
@@ -180,6 +185,8 @@ collect_train
 phase overhead 120 "$PY" benchmarks/overhead.py --config benchmarks/gpu_suite.yaml --set "model.name=$MODEL" \
   "${RUN_SET[@]}" --lbr-run "$WORK/run" "${OVERHEAD[@]}" --out "$OUT/overhead.json"
 phase fused_ce 45 "$PY" benchmarks/fused_ce.py --device "$DEVICE" "${FUSED[@]}" --out "$OUT/fused_ce.json"
+phase gradcache 90 "$PY" benchmarks/gradcache.py --config benchmarks/gpu_suite.yaml --set "model.name=$MODEL" \
+  "${RUN_SET[@]}" --workers 1 --device "$DEVICE" "${GRADCACHE[@]}" --out "$OUT/gradcache.json"
 phase backends 120 "$PY" benchmarks/attention.py --preset "$PRESET" --device "$DEVICE" "${BACKENDS[@]}" \
   --out "$OUT/backends.json"  # last: it writes every row as it goes, so the deadline cuts only its last rows
 
@@ -209,6 +216,8 @@ o = load("overhead.json")
 print("step time vs plain loop:", o.get("step_time_ratio_vs_plain"))
 for r in load("fused_ce.json").get("rows", []):
     print("fused_ce", {k: r.get(k) for k in ("method", "rows", "fwd_bwd_ms", "peak_extra_mib", "error")})
+for r in load("gradcache.json").get("table", []):
+    print("gradcache", {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()})
 for r in load("backends.json").get("rows", []) + load("backends.json").get("packing", []):
     print("backends", {k: r.get(k) for k in ("backend", "layout", "seq_len", "tokens_per_s", "mfu", "error")})
 EOF

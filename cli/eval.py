@@ -57,7 +57,9 @@ def eval_command(
         = "domain",
     num_workers: Annotated[int, typer.Option("--num-workers", "-n", help="Encoder actors and search shards "
                                              "(0 = in this process, no Ray).", rich_help_panel=Panel)] = 2,
-    batch_size: Annotated[int, typer.Option(help="Texts per encoder forward pass.", rich_help_panel=Panel)] = 64,
+    batch_size: Annotated[Optional[int], typer.Option(help="Texts per encoder forward pass (default: 16 on CPUs, "
+                                                      "64 on GPUs).", rich_help_panel=Panel, show_default=False)]
+        = None,
     max_queries: Annotated[Optional[int], typer.Option(help="Cap the queries per domain (deterministic sample).",
                                                        rich_help_panel=Panel, show_default=False)] = None,
     max_corpus: Annotated[Optional[int], typer.Option(help="Cap the corpus per domain (positives are kept).",
@@ -90,8 +92,7 @@ def eval_command(
 
         raise typer.Exit(submit_as_job(sys.argv[1:], cluster=cluster, address=address))
     from lbr_ray.errors import ConfigError
-    from lbr_ray.eval.baselines import BASELINES, BM25Retriever, base_ref, minilm_ref
-    from lbr_ray.eval.encode import load_encoder
+    from lbr_ray.eval.baselines import BASELINES, retrieval_method
     from lbr_ray.eval.evaluator import (EvalOptions, RetrievalEvaluator, default_cache_dir, resolve_data_root,
                                         resolve_split)
     from lbr_ray.eval.report import write_reports
@@ -103,7 +104,7 @@ def eval_command(
         problems.append("--model is required (or pass --baseline bm25|minilm)")
     if dtype not in ("auto", "float32", "bfloat16"):
         problems.append(f"--dtype must be auto, float32 or bfloat16, got {dtype!r}")
-    if num_workers < 0 or batch_size < 1:
+    if num_workers < 0 or (batch_size is not None and batch_size < 1):
         problems.append("--num-workers must be >= 0 and --batch-size >= 1")
     if (max_queries is not None and max_queries < 1) or (max_corpus is not None and max_corpus < 1):
         problems.append("--max-queries and --max-corpus must be >= 1")
@@ -121,16 +122,8 @@ def eval_command(
         from lbr_ray.hardware import bf16_is_fast
 
         dtype = "bfloat16" if bf16_is_fast("cpu" if gpu is False else None) else "float32"
-    if baseline == "bm25":
-        method, name = BM25Retriever(threads=max(num_workers, 1)), "bm25"
-    elif baseline == "minilm":
-        method, name = minilm_ref(max_length), "minilm (all-MiniLM-L6-v2" + (f", max {max_length} tokens)"
-                                                                         if max_length else ")")
-    elif baseline == "base":
-        method, name = base_ref(model, from_scratch, max_length=max_length or 256, dtype=dtype), f"base {model}"
-    else:
-        method = load_encoder(model, dtype=dtype, **({"max_length": max_length} if max_length else {}))
-        name = str(model)
+    method, name = retrieval_method(baseline, model, from_scratch, max_length, threads=max(num_workers, 1),
+                                    dtype=dtype)
     if baseline in (None, "base") and method.kind != "st":
         name += f" ({dtype})"
     typer.echo(f"lbr eval: {name} on {', '.join(names)} from {opts.data_root}")

@@ -16,10 +16,10 @@ app = typer.Typer(
     add_completion=False,
 )
 
-from cli import cluster, convert, export, plan, study, train, tune  # noqa: E402  (each module registers its commands on `app`)
+from cli import cluster, convert, export, mine, plan, study, train, tune  # noqa: E402  (each registers its commands)
 from cli import eval as evaluate  # noqa: E402
 
-for _module in (train, evaluate, export, convert, cluster, tune, study, plan):
+for _module in (train, evaluate, export, convert, mine, cluster, tune, study, plan):
     _module.register(app)
 
 

@@ -21,6 +21,13 @@ Examples:
 
   lbr study --output runs/study-medical --resume        # continue: finished cells are not rerun
 
+  lbr study --config configs/study/study-smollm2.yaml --target medical --heldout biology --baselines bm25,minilm,base
+            --test-max-queries 500 --test-max-corpus 5000 --output runs/study-smollm2-medical
+            --results benchmarks/results/study_smollm2_medical --commit   # each finished cell committed
+
+  lbr study --output runs/study-smollm2-medical --results benchmarks/results/study_smollm2_medical --resume --commit
+            # (also on a fresh clone without runs/: the committed cells are skipped)
+
   lbr study --output runs/study-medical --rescore       # recompute the significance from the TREC runs
 """
 
@@ -40,8 +47,19 @@ def study_command(
                                                       show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Study folder.", show_default=False)]
         = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the study in --output (Tuner.restore): "
-                                         "finished cells are kept, unfinished ones run again.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the study in --output (Tuner.restore), or "
+                                         "the one committed in --results (a fresh clone): finished cells are "
+                                         "kept, unfinished ones run again.")] = False,
+    results: Annotated[Optional[Path], typer.Option(help="A folder in the repository that receives each finished "
+                                                    "cell's results (cell.json, metrics, gzipped top-20 TREC runs; "
+                                                    "no checkpoints) and the report; --resume skips every cell "
+                                                    "found there.", show_default=False)] = None,
+    commit: Annotated[bool, typer.Option("--commit", help="git add + commit each cell's --results folder as it "
+                                         "finishes (only those paths; the message names the cell and its test "
+                                         "R@10).")] = False,
+    baselines: Annotated[str, typer.Option(help="References scored on the same test sets, with their own TREC runs "
+                                           "and paired tests: bm25, minilm, base (the config's model untrained)."
+                                           )] = "bm25",
     test_max_queries: Annotated[Optional[int], typer.Option(help="Cap the test queries per domain (the same "
                                                             "sample in every cell).", show_default=False)] = None,
     test_max_corpus: Annotated[Optional[int], typer.Option(help="Cap the test corpus per domain (positives kept).",
@@ -70,7 +88,7 @@ def study_command(
         from lbr_ray.errors import ConfigError
         from lbr_ray.tune.study import rescore as rescore_study
 
-        if output is None or config is not None or target is not None or resume:
+        if output is None or config is not None or target is not None or resume or results or commit:
             raise ConfigError("--rescore recomputes the significance of an ended study: pass only --output")
         rescore_study(output)
         return
@@ -79,17 +97,24 @@ def study_command(
 
         raise typer.Exit(submit_as_job(sys.argv[1:], cluster=cluster, address=address))
     cfg, spec, folder = study_inputs(config, target, variants, seeds, heldout, data_root, output, resume,
-                                     overrides, test_max_queries=test_max_queries, test_max_corpus=test_max_corpus,
-                                     eval_workers=eval_workers, stat_test=stat_test, max_p=max_p)
+                                     overrides, results=results, test_max_queries=test_max_queries,
+                                     test_max_corpus=test_max_corpus, eval_workers=eval_workers, stat_test=stat_test,
+                                     max_p=max_p, baselines=baselines)
+    if commit and spec.results == "":
+        from lbr_ray.errors import ConfigError
+
+        raise ConfigError("--commit commits the --results folder: pass --results too")
     from lbr_ray.tune.study import run_study  # imports Ray: after the checks, which need none
 
-    doc = run_study(cfg, spec, folder, resume=resume, address=address, t0=t0, quiet=not verbose)
+    doc = run_study(cfg, spec, folder, resume=resume, address=address, t0=t0, quiet=not verbose, commit=commit)
     typer.echo(f"study done in {time.time() - t0:.0f}s ({doc['cells_done']} of {doc['cells_total']} cells): "
                f"{folder / 'results.md'}")
 
 
-def study_inputs(config, target, variants, seeds, heldout, data_root, output, resume, overrides, **options):
-    """(config, spec, folder): from the options, or for --resume from the study's saved files."""
+def study_inputs(config, target, variants, seeds, heldout, data_root, output, resume, overrides, results=None,
+                 baselines="bm25", **options):
+    """(config, spec, folder): from the options, or for --resume from the study's saved files (its folder, else the
+    committed --results folder)."""
     from lbr_ray.config import load_config
     from lbr_ray.errors import ConfigError
     from lbr_ray.tune.study import StudySpec, check_spec, load_study, parse_list, study_config
@@ -97,12 +122,16 @@ def study_inputs(config, target, variants, seeds, heldout, data_root, output, re
     if output is None:
         raise ConfigError("--output is required (the study folder)")
     folder = output.expanduser().resolve()
+    results = results.expanduser().resolve() if results else None
+    if results is not None and (results == folder or folder in results.parents or results in folder.parents):
+        raise ConfigError(f"--results {results} and --output {folder} must be separate folders")
     if resume:
         if config is not None or target is not None or overrides:
-            raise ConfigError("--resume continues the study as it started: pass only --output")
-        if not (folder / "study.json").is_file():
-            raise ConfigError(f"{folder} holds no study to resume (no study.json): check --output")
-        cfg, spec = load_study(folder)
+            raise ConfigError("--resume continues the study as it started: pass only --output (and --results)")
+        if not (folder / "study.json").is_file() and not (results and (results / "study.json").is_file()):
+            raise ConfigError(f"{folder} holds no study to resume (no study.json)"
+                              + (f", nor does --results {results}" if results else "") + ": check --output")
+        cfg, spec = load_study(folder, results)
         return cfg, spec, folder
     if config is None or target is None:
         raise ConfigError("--config and --target are required")
@@ -114,7 +143,8 @@ def study_inputs(config, target, variants, seeds, heldout, data_root, output, re
     if data_root is None:
         data_root = Path(cfg.data.pairs[0]).expanduser().resolve().parent.parent
     spec = StudySpec(target=target, variants=parse_list(variants), seeds=seed_list, heldout=parse_list(heldout),
-                     data_root=str(Path(data_root).resolve()), **options)
+                     data_root=str(Path(data_root).resolve()), baselines=parse_list(baselines),
+                     results=str(results) if results else "", **options)
     check_spec(spec)
     return study_config(cfg, spec, folder), spec, folder
 

@@ -11,6 +11,10 @@ Parameters are counted on the meta device (the real architecture, no memory); th
   the micro-batch's tokens; with gradient checkpointing, one hidden state per layer plus one layer's worth;
 - the LM-head logits of the scored positions (IB-GL: target tokens only): logits in the model's dtype, their fp32
   copy and its gradient;
+- GR-CL's contrastive loss: the similarity logits of the batch's queries against every gathered candidate (fp32,
+  with their softmax and gradient) and the embeddings with their gradients. With GradCache (gr_cl.cache_chunk) the
+  activations and IB-loss logits are those of one chunk of cache_chunk rows, the contrastive part stays the batch's,
+  and under ZeRO-2/3 each worker holds the whole gradient until the step's one reduction (docs/gradcache.md);
 - on GPUs, CUDA_RUNTIME for the CUDA context and workspaces.
 
 The two constants (15h of the activation count, CUDA_RUNTIME) were fitted to the H100 rows at 517 and 1029
@@ -145,6 +149,17 @@ def stage_rows(cfg: LbrConfig, stage: str) -> tuple[int, int, int]:
     return rows, length, scored
 
 
+def contrastive_bytes(cfg: LbrConfig, s: Shape, workers: int) -> float:
+    """GR-CL's loss over the whole batch (GradCache or not): fp32 logits [B, candidates] (+ [B, B * workers] when
+    symmetric) with their softmax and gradient, and the embeddings (local rows, gathered candidates) with theirs."""
+    g = cfg.gr_cl
+    batch, gathered = g.batch_size, g.batch_size * (workers if g.gather else 1)
+    candidates = gathered * (1 + g.hard_negatives)
+    logits = batch * (candidates + (gathered if g.symmetric else 0))
+    embeddings = batch * (2 + g.hard_negatives) + candidates
+    return float(4 * 3 * logits + 4 * 2 * embeddings * s.hidden)
+
+
 def plan_stage(cfg: LbrConfig, s: Shape, stage: str, workers: int, gpu_bytes: float | None = None,
                with_advice: bool = True) -> Plan:
     from lbr_ray.config.load import compute_dtype
@@ -154,7 +169,15 @@ def plan_stage(cfg: LbrConfig, s: Shape, stage: str, workers: int, gpu_bytes: fl
     ds = cfg.deepspeed
     parts = model_state_bytes(s, width, low, ds.zero_stage, workers, ds.offload_optimizer)
     rows, length, scored = stage_rows(cfg, stage)
-    parts.update(activation_bytes(s, rows * length, scored, width, cfg.model.gradient_checkpointing))
+    held_rows, held_scored = rows, scored  # rows whose activations are alive at once
+    if stage == "gr_cl" and cfg.gr_cl.cache_chunk:  # GradCache: one chunk of one column (or of the IB rows)
+        held_rows = min(cfg.gr_cl.cache_chunk, cfg.gr_cl.batch_size)
+        held_scored = held_rows * cfg.data.max_target_tokens if scored else 0
+    parts.update(activation_bytes(s, held_rows * length, held_scored, width, cfg.model.gradient_checkpointing))
+    if stage == "gr_cl":
+        parts["contrastive"] = contrastive_bytes(cfg, s, workers)
+        if cfg.gr_cl.cache_chunk and ds.zero_stage >= 2:  # the chunks' gradients wait whole for the step's reduction
+            parts["gradients"] = s.trainable * width
     if cfg.scaling.use_gpu:
         parts["cuda_runtime"] = float(CUDA_RUNTIME)
     st = getattr(cfg, stage)
@@ -178,6 +201,14 @@ def advice(cfg: LbrConfig, s: Shape, stage: str, workers: int, gpu_bytes: float)
          {"model": {"gradient_checkpointing": True}}),
         ("model.lora=true (train adapters, not the full model)", {"model": {"lora": True}}),
     ]
+    if stage == "gr_cl" and st.grad_accum == 1:  # GradCache keeps the batch, hence the negatives
+        sizes = [c for c in (st.batch_size >> i for i in range(1, 12)) if 0 < c < (st.cache_chunk or st.batch_size)]
+        fitting = [c for c in sizes if plan_stage(replace(cfg, gr_cl={"cache_chunk": c}), s, stage, workers,
+                                                  gpu_bytes, False).fits]
+        if fitting:
+            tries.append((f"gr_cl.cache_chunk={fitting[0]} (GradCache: the same batch and negatives, the activations "
+                          f"of {fitting[0]} rows at a time, about one more forward pass per step)",
+                          {"gr_cl": {"cache_chunk": fitting[0]}}))
     if st.batch_size > 1:
         half = max(1, st.batch_size // 2)
         tries.append((f"{stage}.batch_size={half} with {stage}.grad_accum={st.grad_accum * st.batch_size // half} "

@@ -119,6 +119,11 @@ def validate(cfg: LbrConfig) -> list[str]:
                         "['sdpa', 'eager'] ('' = the backend's own)")
     elif cfg.model.attn_implementation and cfg.model.attn_backend == "flex":
         problems.append("model.attn_implementation is for the dense and kv_split backends; flex runs FlexAttention")
+    if cfg.gr_cl.cache_chunk < 0:
+        problems.append(f"gr_cl.cache_chunk must be >= 0 (0 = off), got {cfg.gr_cl.cache_chunk}")
+    if cfg.gr_cl.cache_chunk > 0 and cfg.gr_cl.grad_accum > 1:
+        problems.append(f"gr_cl.cache_chunk={cfg.gr_cl.cache_chunk} with gr_cl.grad_accum={cfg.gr_cl.grad_accum}: "
+                        "GradCache takes the whole batch in one step; set grad_accum: 1 and raise batch_size")
     if cfg.model.attn_backend == "flex" and not cfg.scaling.use_gpu:
         problems.append("model.attn_backend=flex trains only on GPU (FlexAttention has no CPU backward); "
                         "use dense or kv_split on CPU")

@@ -95,6 +95,8 @@ class GRCLConfig(StageConfig):
     length_groups: int = 0  # > 1: sort each run of this many batches by length before batching (less padding,
     #                         HF Trainer's group_by_length uses 50); 0 = batches as the shuffled stream comes
     gen_weight: float = 0.0  # lambda for the IB loss on query -> positive
+    cache_chunk: int = 0  # > 0: GradCache, rows encoded this many at a time (activations of a chunk, not of the
+    #                       batch; the same loss and gradients, ~1 more forward per step; docs/gradcache.md); 0 = off
     eval_every: int = 50  # dev R@10 every N steps (0 = only at the end)
     eval_queries: int = 200  # dev queries for the in-training R@10
     eval_corpus: int = 2000  # distractor passages added to the dev positives

@@ -39,6 +39,23 @@ def base_ref(model: str | Path, from_scratch: bool = False, seed: int = 0, max_l
                                           ("seed", seed)))
 
 
+def retrieval_method(baseline: str | None, model: str | None, from_scratch: bool = False,
+                     max_length: int | None = None, threads: int = 1, dtype: str | None = None):
+    """(method, name) that `lbr eval` and `lbr mine` rank with: --baseline bm25 | minilm | base (--model = an HF
+    causal LM) or --model = a trained lbr-ray or sentence-transformers folder; `dtype`: the compute dtype of a base
+    or lbr-ray model (None: float32 for base, the saved weights' for a trained model)."""
+    from lbr_ray.eval.encode import load_encoder
+
+    if baseline == "bm25":
+        return BM25Retriever(threads=threads), "bm25"
+    if baseline == "minilm":
+        return minilm_ref(max_length), "minilm (all-MiniLM-L6-v2" + (f", max {max_length} tokens)" if max_length
+                                                                     else ")")
+    if baseline == "base":
+        return base_ref(model, from_scratch, max_length=max_length or 256, dtype=dtype or "float32"), f"base {model}"
+    return load_encoder(model, dtype=dtype, **({"max_length": max_length} if max_length else {})), str(model)
+
+
 class CausalLMEncoder:
     """HF decoder-only LM, last-token pooling of the final hidden state, L2-normalised (right padding)."""
 
@@ -86,6 +103,13 @@ class BM25Retriever:
 
     def retrieve(self, queries: list[str], docs: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         """(scores [Q, k'], rows [Q, k']) with k' = min(k, len(docs))."""
+        scores, rows, _ = self.search(queries, docs, k)
+        return scores, rows
+
+    def search(self, queries: list[str], docs: list[str], k: int,
+               score_rows: list[np.ndarray] = ()) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """`retrieve`, plus each query's scores of the corpus rows `score_rows[i]` wherever they rank (e.g. its
+        positives, for hard-negative mining's margin)."""
         import bm25s
 
         retriever = bm25s.BM25(k1=self.k1, b=self.b)
@@ -93,7 +117,9 @@ class BM25Retriever:
         q_tokens = bm25s.tokenize(queries, stopwords="en", show_progress=False, return_ids=False)  # strings
         rows, scores = retriever.retrieve(q_tokens, k=min(k, len(docs)), show_progress=False,
                                           n_threads=self.threads)
-        return np.asarray(scores, dtype=np.float32), np.asarray(rows, dtype=np.int64)
+        picked = [retriever.get_scores(q)[np.asarray(r, dtype=np.int64)].astype(np.float32)
+                  for q, r in zip(q_tokens, score_rows)]
+        return np.asarray(scores, dtype=np.float32), np.asarray(rows, dtype=np.int64), picked
 
 
 def bm25_dev_recall(queries: list[str], docs: list[str], qrels, k: int = 10) -> float:

@@ -39,7 +39,7 @@ class EvalOptions:
     index: str = "Flat"  # FAISS factory string, or "exact" (numpy)
     index_params: str = ""  # FAISS ParameterSpace string, e.g. "nprobe=16" or "efSearch=128"
     num_workers: int = 2  # encoder actors and search shards; 0 = in this process, without Ray
-    batch_size: int = 64
+    batch_size: int | None = None  # texts per encoder forward pass (None: lbr_ray.hardware.encode_batch_size)
     max_queries: int | None = None
     max_corpus: int | None = None
     k: int = 100  # depth of the retrieved lists (>= every k of the metrics)
@@ -175,7 +175,10 @@ class RetrievalEvaluator:
         jobs = [job for e in sets.values() for job in ((e.doc_texts, "passage"), (e.queries, "query"))]
         self.log(f"encoding {sum(len(t) for t, _ in jobs)} texts of {len(sets)} domain(s) "
                  f"(cache {o.cache_dir}, {o.num_workers} worker(s){', GPU' if use_gpu else ''})")
-        done = encode_many(ref, jobs, o.cache_dir, num_workers=o.num_workers, batch_size=o.batch_size,
+        from lbr_ray.hardware import encode_batch_size
+
+        done = encode_many(ref, jobs, o.cache_dir, num_workers=o.num_workers,
+                           batch_size=o.batch_size or encode_batch_size(use_gpu),
                            use_gpu=use_gpu, fingerprint=fingerprint, log=self.log)
         return {d: (done[2 * i], done[2 * i + 1]) for i, d in enumerate(sets)}
 

@@ -11,6 +11,7 @@ test positives: lbr_ray.eval.sets.unique_ids), so the same eval set gives the sa
 """
 from __future__ import annotations
 
+import gzip
 import hashlib
 import re
 from pathlib import Path
@@ -60,14 +61,22 @@ def write_run(eset, top: np.ndarray, scores: np.ndarray, path: str | Path, tag: 
 
 
 def _write(path: Path, lines: list[str]) -> None:
+    """Atomically; a `.gz` path gzipped without a timestamp (the same lines give the same bytes)."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("\n".join(lines) + "\n")
+    data = ("\n".join(lines) + "\n").encode("utf-8")
+    tmp.write_bytes(gzip.compress(data, mtime=0) if path.name.endswith(".gz") else data)
     tmp.replace(path)
 
 
+def _lines(path: str | Path) -> list[str]:
+    data = Path(path).read_bytes()
+    return (gzip.decompress(data) if str(path).endswith(".gz") else data).decode("utf-8").splitlines()
+
+
 def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
+    """A qrels file (plain or .gz)."""
     out: dict[str, dict[str, int]] = {}
-    for line in Path(path).read_text().splitlines():
+    for line in _lines(path):
         if line.strip():
             qid, _, doc, rel = line.split()
             out.setdefault(qid, {})[doc] = int(rel)
@@ -75,12 +84,24 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
 
 
 def read_run(path: str | Path) -> dict[str, dict[str, float]]:
+    """A run file (plain or .gz)."""
     out: dict[str, dict[str, float]] = {}
-    for line in Path(path).read_text().splitlines():
+    for line in _lines(path):
         if line.strip():
             qid, _, doc, _, score, _ = line.split()
             out.setdefault(qid, {})[doc] = float(score)
     return out
+
+
+def copy_trec(src: str | Path, dst: str | Path, depth: int | None = None) -> Path:
+    """A run or qrels file copied (a `.gz` destination gzipped), a run cut to each query's top `depth` ranks."""
+    lines = _lines(src)
+    if depth is not None:
+        lines = [line for line in lines if line.strip() and int(line.split()[3]) <= depth]
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    _write(dst, lines)
+    return dst
 
 
 def per_query(qrels: dict, run: dict, metric: str = "recall@10") -> dict[str, float]:
@@ -112,12 +133,13 @@ def paired_test(control: np.ndarray, treatment: np.ndarray, stat_test: str = "fi
 def paired_significance(qrels: dict, control: list[dict], treatment: list[dict], names: tuple[str, str] = ("a", "b"),
                         metric: str = "recall@10", stat_test: str = "fisher", max_p: float = 0.05) -> dict:
     """Paired significance of `control` minus `treatment` on per-query `metric`. Each system is given as its runs of
-    the same seeds, in the same order; a query's metric is averaged over the seeds first, so every query is one
-    sample however many seeds ran (the seed spread is reported apart, as mean +- std over seeds). Returns the two
-    means, their difference, the p-value over the queries (`paired_test`), whether p <= max_p, and per-query
-    wins / ties / losses of the control's seed-averaged metric."""
-    if not control or len(control) != len(treatment):
-        raise ValueError("paired_significance needs runs of the same seeds for both systems")
+    the same seeds, in the same order (or `treatment` as one run: a deterministic reference such as BM25); a
+    query's metric is averaged over the seeds first, so every query is one sample however many seeds ran (the seed
+    spread is reported apart, as mean +- std over seeds). Returns the two means, their difference, the p-value over
+    the queries (`paired_test`), whether p <= max_p, and per-query wins / ties / losses of the control's
+    seed-averaged metric."""
+    if not control or len(treatment) not in (1, len(control)):
+        raise ValueError("paired_significance needs runs of the same seeds for both systems (or one reference run)")
     qids = sorted(qrels)
 
     def seed_mean(runs: list[dict]) -> np.ndarray:  # [queries]: each query's metric, averaged over the seeds
@@ -134,5 +156,5 @@ def paired_significance(qrels: dict, control: list[dict], treatment: list[dict],
             "losses": int((diff < 0).sum())}
 
 
-__all__ = ["query_id", "write_qrels", "write_run", "read_qrels", "read_run", "per_query", "paired_test",
+__all__ = ["query_id", "write_qrels", "write_run", "read_qrels", "read_run", "copy_trec", "per_query", "paired_test",
            "paired_significance"]

@@ -45,3 +45,9 @@ class IBGenerativeLoss(nn.Module):
 
     def get_config_dict(self) -> dict:
         return {"alpha": self.alpha}
+
+
+def scored_counts(seg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(target, input) positions of rows `seg` that IBGenerativeLoss can score: those before a Y / an X token."""
+    nxt_seg = seg[:, 1:]
+    return (nxt_seg == Y).sum(), (nxt_seg == X).sum()

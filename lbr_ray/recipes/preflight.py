@@ -37,10 +37,23 @@ def preflight(cfg: LbrConfig, init: str | None = None, stages: tuple[str, ...] =
         check_init(cfg, Path(resolve_model_path(name)))
     check_output_location(cfg.run.output, checkpoint_bytes(cfg, model_config) * (CHECKPOINTS_KEPT + 1))
     check_fits(cfg, stages)  # `lbr plan`'s estimate: a run that cannot fit the GPUs stops here
+    if "gr_cl" in stages and cfg.gr_cl.cache_chunk:
+        check_gradcache(cfg)
     if cfg.run.resume:
         for stage in stages:
             check_resume_config(cfg, stage)
     return summary
+
+
+def check_gradcache(cfg: LbrConfig) -> None:
+    """GradCache under ZeRO-1/2/3 needs a DeepSpeed with coalesce_grad_reduction (the workers check their own)."""
+    from importlib.metadata import version
+
+    from lbr_ray.train.gradcache import deepspeed_problem
+
+    problem = deepspeed_problem(cfg.deepspeed.zero_stage, version("deepspeed"))
+    if problem:
+        raise ConfigError(problem)
 
 
 def check_data(cfg: LbrConfig):

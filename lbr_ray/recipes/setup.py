@@ -17,6 +17,7 @@ def build_model(cfg, init: str | None = None):
     """The stage's model: the configured base model, or the HF folder of an earlier stage (`init`)."""
     model_cfg = cfg.model if init is None else dataclasses.replace(cfg.model, name=str(init), from_scratch=False)
     model, tok = BottleneckLM.build(model_cfg, cfg.bottleneck, seed=cfg.run.seed)
+    model.train()  # from_pretrained leaves the base model's modules in eval mode: the stage trains all of them
     if torch.cuda.is_available():
         model.to(torch.device("cuda", torch.cuda.current_device()))
     return model, tok

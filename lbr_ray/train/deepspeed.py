@@ -25,8 +25,10 @@ def zero_stage(ds: DeepSpeedConfig, world: int) -> int:
 
 def ds_config(ds: DeepSpeedConfig, stage: StageConfig, world: int) -> dict:
     zero: dict = {"stage": zero_stage(ds, world)}
+    extra = {}
     if ds.offload_optimizer and ds.zero_stage > 0:
         zero["offload_optimizer"] = {"device": "cpu"}
+        extra["zero_force_ds_cpu_optimizer"] = False  # our torch AdamW steps on the CPU copy (no JIT-built op)
     return {
         "train_micro_batch_size_per_gpu": stage.batch_size,
         "gradient_accumulation_steps": stage.grad_accum,
@@ -36,6 +38,7 @@ def ds_config(ds: DeepSpeedConfig, stage: StageConfig, world: int) -> dict:
         "zero_allow_untested_optimizer": True,  # torch AdamW: no compiled DeepSpeed op needed on CPU
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
+        **extra,
     }
 
 

@@ -1,9 +1,11 @@
 """Model FLOPs of a training step and the device's peak, for model FLOPs utilisation (MFU) in the step telemetry.
 
-Training FLOPs of a micro-batch (forward + backward = 3 x forward, the standard accounting):
-    6 * N_body * tokens            every non-padding token through the transformer body (N_body = its weights,
-                                   input embedding excluded: a lookup, not a matmul)
-  + 6 * N_head * head_rows         the LM head, only on the positions the loss scores (lbr's loss skips the rest)
+Training FLOPs of a micro-batch (forward 2 per weight and token; backward 2 for the input gradient of every
+weight, 2 more for the weight gradient of a trainable one: 6 per weight in full fine-tuning, the standard
+accounting, about 4 under LoRA, whose frozen weights need no weight gradient):
+    (4 N_body + 2 T_body) * tokens every non-padding token through the transformer body (N_body = its weights, T_body
+                                   the trainable ones, LoRA's included; input embedding excluded: a lookup)
+  + (4 N_head + 2 T_head) * head_rows  the LM head, only on the positions the loss scores (lbr's loss skips the rest)
   + 12 * layers * d_attn * pairs   QK^T and AV (2 + 2 FLOPs per multiply-add, per query-head dim) for every
                                    (query, key) pair the actual mask allows: causal, within the unit (packed rows),
                                    minus target -> input under the IB mask; d_attn = query heads * head dim
@@ -51,9 +53,12 @@ class FlopCounter:
     def __init__(self, model):
         cfg = model.lm.config if not hasattr(model.lm, "get_base_model") else model.lm.get_base_model().config
         decoder, head = model.decoder, model.lm_head
-        emb = decoder.get_input_embeddings().weight
-        self.n_body = sum(p.numel() for p in decoder.parameters()) - emb.numel()
+        emb = decoder.get_input_embeddings()
+        in_emb = {id(p) for p in emb.parameters()}
+        body = [p for p in decoder.parameters() if id(p) not in in_emb]
+        self.n_body, self.t_body = sum(p.numel() for p in body), sum(p.numel() for p in body if p.requires_grad)
         self.n_head = head.weight.numel()
+        self.t_head = self.n_head if head.weight.requires_grad else 0
         heads = cfg.num_attention_heads
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
         self.layers, self.d_attn = cfg.num_hidden_layers, heads * head_dim
@@ -63,7 +68,7 @@ class FlopCounter:
         """Training FLOPs of one micro-batch of rows `seg` (a tensor: no host sync)."""
         tokens = (seg != PAD).sum()
         pairs = attention_pairs(seg, ib=ib, sink=self.sink)
-        return (6.0 * self.n_body * tokens + 6.0 * self.n_head * head_rows
+        return ((4.0 * self.n_body + 2.0 * self.t_body) * tokens + (4.0 * self.n_head + 2.0 * self.t_head) * head_rows
                 + 12.0 * self.layers * self.d_attn * pairs).to(torch.float64)
 
 

@@ -11,8 +11,11 @@ from lbr_ray.train.telemetry import Telemetry
 def train_loop(engine, batches: Callable[[int], Iterable[dict]], stage: StageConfig, state: LoopState,
                telemetry: Telemetry, world: int, on_log: Callable[[dict], None],
                on_checkpoint: Callable[[LoopState], None],
-               on_eval: Callable[[LoopState], dict] | None = None, eval_every: int = 0) -> LoopState:
+               on_eval: Callable[[LoopState], dict] | None = None, eval_every: int = 0,
+               forward_backward: Callable[[object, dict], dict] | None = None) -> LoopState:
     """Run micro-batches until `stage.max_steps` optimizer steps; `batches(epoch)` yields that epoch's data.
+    `forward_backward(engine, batch)` runs a micro-batch's forward and backward (default: `engine(batch)`, then
+    `engine.backward` of its "loss") and returns its metrics dict.
 
     On resume, `state.batch_in_epoch` batches of the current epoch are skipped, so the data stream continues
     where the checkpoint left it (same files, same seed).
@@ -22,9 +25,8 @@ def train_loop(engine, batches: Callable[[int], Iterable[dict]], stage: StageCon
         for i, batch in enumerate(batches(state.epoch)):
             if i < state.batch_in_epoch:
                 continue
-            out = engine(batch)  # dict: loss, tokens (non-pad tokens in this micro-batch), extra scalars to log
             boundary = engine.is_gradient_accumulation_boundary()
-            engine.backward(out["loss"])
+            out = (forward_backward or plain_forward_backward)(engine, batch)
             engine.step()  # optimizer + schedule step on accumulation boundaries only
             state.batch_in_epoch = i + 1
             tokens = int(out.pop("tokens"))  # this rank's; telemetry.flush sums the ranks for tokens/s
@@ -52,3 +54,9 @@ def train_loop(engine, batches: Callable[[int], Iterable[dict]], stage: StageCon
     if last_saved != state.step:
         on_checkpoint(state)
     return state
+
+
+def plain_forward_backward(engine, batch: dict) -> dict:
+    out = engine(batch)  # dict: loss, tokens (non-pad tokens in this micro-batch), extra scalars to log
+    engine.backward(out["loss"])
+    return out

@@ -106,12 +106,13 @@ def trainable(cfg: LbrConfig, sweep: Path, quiet: bool = True):
     return tune.with_resources(fn, {"cpu": DRIVER_CPUS})
 
 
-def absolute_paths(cfg: LbrConfig) -> LbrConfig:
-    """Trials run in their trial folder (Tune's default working dir): make data and local model paths absolute."""
+def absolute_paths(cfg: LbrConfig, root: str | None = None) -> LbrConfig:
+    """Trials run in their trial folder (Tune's default working dir): make data and local model paths absolute,
+    relative ones taken from `root` (default: the current folder)."""
     def absolute(spec: str) -> str:
-        return os.path.abspath(os.path.expanduser(spec))
+        return os.path.abspath(os.path.join(root or os.getcwd(), os.path.expanduser(spec)))
 
-    model = absolute(cfg.model.name) if Path(cfg.model.name).expanduser().exists() else cfg.model.name
+    model = absolute(cfg.model.name) if os.path.exists(absolute(cfg.model.name)) else cfg.model.name
     return replace(cfg, model={"name": model}, data={"pairs": tuple(map(absolute, cfg.data.pairs)),
                                                      "corpus": tuple(map(absolute, cfg.data.corpus))})
 

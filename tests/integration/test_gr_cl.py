@@ -58,14 +58,15 @@ def test_gl_cl_variant_trains_stage_1_as_a_plain_lm(ray_local, tmp_path):
 
 def test_cl_variant_from_the_cli_to_gs(gcs_server, tmp_path):
     """`lbr train --variant cl --output gs://...` on the embedded Ray that the command starts: Ray Train's
-    checkpoints (each with its manifest), the metrics and the final model land in the bucket."""
+    checkpoints (each with its manifest), the metrics and the final model land in the bucket. GR-CL runs with
+    GradCache (gr_cl.cache_chunk; tests/unit/test_gradcache.py proves it equal to the plain step)."""
     from lbr_ray import storage
 
     gcs_server("lbr-runs")
     out = "gs://lbr-runs/cl"
     cmd = [sys.executable, "-m", "cli.main", "train", "--stage", "all", "--variant", "cl", "--config",
            "configs/demo.yaml", "--output", out, "--num-workers", "2"]
-    for o in VARIANT_RUN + ["gr_cl.checkpoint_every=2"]:
+    for o in VARIANT_RUN + ["gr_cl.checkpoint_every=2", "gr_cl.cache_chunk=6"]:
         cmd += ["--set", o]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "LBR_STAGING": str(tmp_path / "staging")})
@@ -78,6 +79,7 @@ def test_cl_variant_from_the_cli_to_gs(gcs_server, tmp_path):
     with storage.open_binary(f"{out}/summary.json") as fh:
         assert json.loads(fh.read())["stages"]["gr_cl"]["model"] == f"{out}/gr_cl/model"
     assert f"; model: {out}/gr_cl/model (local copy: " in proc.stdout  # the user hears where the model is
+    assert "GradCache, the 16 rows per worker of each text column encoded 6 at a time (3 chunks)" in proc.stdout
     with storage.open_binary(f"{out}/gr_cl/metrics.jsonl") as fh:
         rows = [json.loads(line) for line in fh.read().decode().splitlines() if line.strip()]
     last = [r for r in rows if "nce_loss" in r][-1]

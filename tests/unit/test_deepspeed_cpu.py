@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lbr_ray.config.schema import DeepSpeedConfig, StageConfig
+from tests.conftest import free_port
 
 
 class Objective(torch.nn.Module):
@@ -27,7 +28,7 @@ def world_of_one():
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DS_ACCELERATOR", "cpu")
-        for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29561", "RANK": "0", "LOCAL_RANK": "0",
+        for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0", "LOCAL_RANK": "0",
                      "WORLD_SIZE": "1"}.items():
             mp.setenv(k, v)
         from deepspeed.accelerator import get_accelerator
@@ -39,7 +40,8 @@ def world_of_one():
             dist.destroy_process_group()
 
 
-def train(world: int, steps: int = 3, clip: float = 0.5) -> tuple[object, list[float], torch.Tensor]:
+def train(world: int, steps: int = 3, clip: float = 0.5,
+          ds: DeepSpeedConfig = DeepSpeedConfig(zero_stage=2)) -> tuple[object, list[float], torch.Tensor]:
     """`steps` DeepSpeed steps of a seeded linear model, lbr's config as for a run of `world` workers (gradient
     clipping active: the updates differ from plain AdamW's only if it is applied the same way)."""
     from lbr_ray.train.deepspeed import initialize
@@ -47,7 +49,7 @@ def train(world: int, steps: int = 3, clip: float = 0.5) -> tuple[object, list[f
     torch.manual_seed(0)
     batch = {"x": torch.randn(4, 8), "y": 10 * torch.randn(4, 1)}
     stage = StageConfig(batch_size=4, lr=0.1, max_steps=steps, warmup_steps=1, grad_clip=clip)
-    engine = initialize(Objective(), DeepSpeedConfig(zero_stage=2), stage, world)
+    engine = initialize(Objective(), ds, stage, world)
     losses = []
     for _ in range(steps):
         out = engine(batch)
@@ -78,3 +80,12 @@ def test_one_worker_runs_zero_2_as_stage_0_with_the_same_update(world_of_one):
     for ds in (DeepSpeedConfig(zero_stage=2, offload_optimizer=True), DeepSpeedConfig(zero_stage=2, bf16=True),
                DeepSpeedConfig(zero_stage=3)):
         assert zero_stage(ds, 1) == ds.zero_stage
+
+
+def test_zero2_with_the_optimizer_offloaded_takes_the_same_update(world_of_one):
+    """deepspeed.offload_optimizer: DeepSpeed >= 0.16 refuses a torch optimizer under ZeRO-Offload unless told
+    (zero_force_ds_cpu_optimizer): the run stopped at engine start."""
+    engine, losses, params = train(world=2, ds=DeepSpeedConfig(zero_stage=2, offload_optimizer=True))
+    _, losses2, params2 = train(world=2)
+    assert engine.zero_optimization_stage() == 2 and engine.zero_cpu_offload()
+    assert losses == pytest.approx(losses2, rel=1e-6) and torch.allclose(params, params2, atol=1e-6)

@@ -61,6 +61,19 @@ def test_training_flops_hand_computed():
     assert float(counter.flops(seg, torch.tensor(2), ib=True)) == 6 * 6 * 110 + 2 * 6 * 80 + 17 * 12 * 2 * 8
 
 
+def test_frozen_weights_need_no_weight_gradient():
+    """Under LoRA the base weights are frozen: backward computes their input gradients (2 per weight and token)
+    but no weight gradients, so they cost 4, the trainable ones 6 (a 6-for-all count overstated MFU by ~1.5x)."""
+    model = _toy_model()
+    model.decoder.body.weight.requires_grad_(False)  # 100 frozen, the 10 bias entries train
+    model.lm_head.weight.requires_grad_(False)
+    counter = FlopCounter(model)
+    assert (counter.n_body, counter.t_body, counter.t_head) == (110, 10, 0)
+    seg = torch.tensor([[SINK, X, X, B, Y, Y, PAD]])
+    expected = 6 * (4 * 110 + 2 * 10) + 2 * 4 * 80 + 17 * 12 * 2 * 8
+    assert float(counter.flops(seg, torch.tensor(2), ib=True)) == expected
+
+
 def test_telemetry_reports_tflops_and_mfu(monkeypatch):
     clock = iter([100.0, 102.0, 102.0])  # the window starts at 100 s and is flushed at 102 s
     monkeypatch.setattr("lbr_ray.train.telemetry.time.perf_counter", lambda: next(clock))

@@ -13,6 +13,7 @@ from lbr_ray.model.bottleneck import BottleneckLM
 from lbr_ray.model.masks import visibility
 from lbr_ray.model.selfcheck import attention_weights, check_mask
 from lbr_ray.errors import MaskLeakError
+from tests.conftest import TINY as TINY_DIR
 
 TEXTS = ["Aspirin inhibits cyclooxygenase and platelet aggregation in the blood.",
          "short",
@@ -279,3 +280,18 @@ def test_self_check_compares_a_dense_backend_with_nothing_twice(model_dirs):
     assert len(calls) == n_dense + 2  # + the backend's eval forward and its training-mode forward
     assert dense["backend_rel_diff"] == 0.0 and dense["backend_grad_rel_diff"] == 0.0
     assert other["backend_rel_diff"] < 1e-6 and other["backend_grad_rel_diff"] < 1e-6
+
+
+def test_a_stage_trains_every_module_of_a_saved_model(tmp_path):
+    """from_pretrained leaves a saved model's modules in eval mode (dropout off) while peft's LoRA layers train;
+    a stage's model trains all of them (GR-CL's first dev evaluation used to switch them on midway)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from lbr_ray.config import load_config
+    from lbr_ray.recipes.setup import build_model
+
+    AutoTokenizer.from_pretrained(str(TINY_DIR)).save_pretrained(tmp_path)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(TINY_DIR))).save_pretrained(tmp_path)
+    cfg = load_config("configs/demo.yaml", [f"model.name={tmp_path}", "model.from_scratch=false", "model.lora=true"])
+    model, _ = build_model(cfg)
+    assert all(m.training for m in model.modules())

@@ -86,3 +86,26 @@ def test_plan_command(qwen_dir, lbr):
     code, _ = lbr("plan", "--config", "configs/qwen2.5-0.5b-medical.yaml", "--set", f"model.name={qwen_dir}",
                   "--set", "model.lora=false", "--gpu-memory", "4GiB")
     assert code == 1 and "does NOT fit in 4 GiB" in lbr.out and "  - " in lbr.out  # with what would fit
+
+
+def test_gradcache_plan_holds_a_chunk_of_activations_and_the_whole_batch_of_logits(qwen_dir):
+    """gr_cl.cache_chunk: activations (and IB-loss logits) of one chunk of rows, the contrastive loss of the whole
+    batch, the same tokens per step; a batch too large for the GPU fits with it, and the advice says so."""
+    base = [f"model.name={qwen_dir}", "model.gradient_checkpointing=false", "scaling.use_gpu=true"]
+    load = lambda *extra: load_config(ROOT / "configs/qwen2.5-0.5b-medical.yaml", base + list(extra))  # noqa: E731
+    plain = plan(load(), stages=("gr_cl",), gpu_bytes=24 * GIB)[0]
+    cached = plan(load("gr_cl.cache_chunk=8"), stages=("gr_cl",), gpu_bytes=24 * GIB)[0]
+    rows = 2 * load().gr_cl.batch_size  # queries and positives
+    assert cached.parts["activations"] == pytest.approx(plain.parts["activations"] * 8 / rows)
+    assert cached.parts["contrastive"] == plain.parts["contrastive"] > 0
+    assert cached.tokens_per_step == plain.tokens_per_step
+    full = plan(load("model.lora=false", "deepspeed.zero_stage=3"), stages=("gr_cl",))[0]
+    full_cached = plan(load("model.lora=false", "deepspeed.zero_stage=3", "gr_cl.cache_chunk=8"), stages=("gr_cl",))[0]
+    assert full_cached.parts["gradients"] == full.parts["gradients"] * 4  # whole until the reduction, 4 workers
+    assert plain.fits is False and cached.fits
+    assert any(a.startswith("gr_cl.cache_chunk=") for a in plain.advice)
+    bigger = plan(load("gr_cl.batch_size=1024", "gr_cl.symmetric=true"), stages=("gr_cl",))[0]
+    # 1024 queries x (4096 gathered positives + 4096 gathered queries) fp32 logits, softmax, gradient; embeddings
+    assert bigger.parts["contrastive"] == 4 * 3 * 1024 * 8192 + 4 * 2 * (2 * 1024 + 4096) * 896
+    gen = plan(load("gr_cl.cache_chunk=8", "gr_cl.gen_weight=0.1"), stages=("gr_cl",))[0]
+    assert gen.parts["logits"] == pytest.approx(8 * 512 * 151952 * (2 + 4 + 4))  # the IB loss of a chunk

@@ -127,7 +127,7 @@ def test_table_and_seed_averaged_significance_from_cells(tmp_path):
     assert "| lbr | 0,1 | 0.8750 ± 0.0354" in md and "| medical | cl | 0,1 | 40 | +0.6250 | 28/12/0" in md
     assert "averaged over the seeds both ran, then Fisher's randomization test" in md
     assert "Hard query types only" in md and "| lbr | 0.4375 ± 0.0177 |" in md
-    assert plot(list(rows.values()), {"medical": 0.5}, spec, tmp_path / "s.png").stat().st_size > 5000
+    assert plot(list(rows.values()), {"bm25": {"medical": 0.5}}, spec, tmp_path / "s.png").stat().st_size > 5000
 
 
 def test_copies_of_a_seed_add_no_significance(tmp_path):

@@ -163,11 +163,14 @@ class RetrievalEvaluator:
 
     def _encode_all(self, sets: dict[str, EvalSet], ref: EncoderRef, fingerprint: str, use_gpu: bool) -> dict:
         """Every domain's passages and queries in one pass of the encoder actor pool: {domain: (docs, queries)}."""
+        from lbr_ray.hardware import encode_batch_size
+
         o = self.opts
+        batch_size = o.batch_size or encode_batch_size(use_gpu)
         if o.streamed:  # queries in one pass of the pool, each corpus streamed from its parquet parts
             from lbr_ray.eval.corpus import encode_streamed
 
-            kw = dict(num_workers=o.num_workers, batch_size=o.batch_size, use_gpu=use_gpu, fingerprint=fingerprint,
+            kw = dict(num_workers=o.num_workers, batch_size=batch_size, use_gpu=use_gpu, fingerprint=fingerprint,
                       log=self.log)
             queries = encode_many(ref, [(e.queries, "query") for e in sets.values()], o.cache_dir, **kw)
             return {d: (encode_streamed(ref, e, o.cache_dir, **kw), queries[i])
@@ -175,10 +178,7 @@ class RetrievalEvaluator:
         jobs = [job for e in sets.values() for job in ((e.doc_texts, "passage"), (e.queries, "query"))]
         self.log(f"encoding {sum(len(t) for t, _ in jobs)} texts of {len(sets)} domain(s) "
                  f"(cache {o.cache_dir}, {o.num_workers} worker(s){', GPU' if use_gpu else ''})")
-        from lbr_ray.hardware import encode_batch_size
-
-        done = encode_many(ref, jobs, o.cache_dir, num_workers=o.num_workers,
-                           batch_size=o.batch_size or encode_batch_size(use_gpu),
+        done = encode_many(ref, jobs, o.cache_dir, num_workers=o.num_workers, batch_size=batch_size,
                            use_gpu=use_gpu, fingerprint=fingerprint, log=self.log)
         return {d: (done[2 * i], done[2 * i + 1]) for i, d in enumerate(sets)}
 

@@ -18,6 +18,8 @@ EXAMPLES = """Examples:
 
   lbr eval --baseline minilm --index IVF256,Flat --index-params nprobe=16 --num-workers 2
 
+  lbr eval --model runs/demo/gr_cl/model --corpus joint --index auto --index-memory 2G   # one corpus of every passage
+
   lbr eval --baseline base --model lbr_ray/assets/tiny-llama --from-scratch --max-queries 100 --max-corpus 1000
 """
 
@@ -38,12 +40,21 @@ def eval_command(
     from_scratch: Annotated[bool, typer.Option(help="--baseline base: random weights from the model's config "
                                                "(seeded; for tiny test models).")] = False,
     index: Annotated[str, typer.Option(help="FAISS factory string (Flat, IVF256,Flat, HNSW32, ...), exact, or auto "
-                                       "(an IVF index sized to the corpus, search parameter as --index-params auto).",
+                                       "(corpus scale: exact, IVF-Flat or IVF-PQ chosen from the corpus size and "
+                                       "--index-memory, one trained quantizer shared by shards, saved and reused, "
+                                       "nprobe tuned against exact search; docs/evaluation.md).",
                                        rich_help_panel=Panel)] = "Flat",
     index_params: Annotated[str, typer.Option(help="FAISS search parameters, e.g. nprobe=16 or efSearch=128; auto = "
                                               "the cheapest reaching recall@10 >= 0.99 vs exact search on a sample "
                                               "(reported with its speed-up over exact search).",
                                               rich_help_panel=Panel)] = "",
+    index_memory: Annotated[Optional[str], typer.Option(help="Memory budget of --index auto's index, e.g. 4G "
+                                                        "(default: a quarter of this machine's memory).",
+                                                        rich_help_panel=Panel, show_default=False)] = None,
+    corpus: Annotated[str, typer.Option(help="domain: each domain's queries against its own corpus; joint: every "
+                                        "domain's test queries against one corpus of all their passages (corpus "
+                                        "files and the positives of every split).", rich_help_panel=Panel)]
+        = "domain",
     num_workers: Annotated[int, typer.Option("--num-workers", "-n", help="Encoder actors and search shards "
                                              "(0 = in this process, no Ray).", rich_help_panel=Panel)] = 2,
     batch_size: Annotated[Optional[int], typer.Option(help="Texts per encoder forward pass (default: 16 on CPUs, "
@@ -106,7 +117,7 @@ def eval_command(
     opts = EvalOptions(domains=names, data_root=resolve_data_root(data_root), index=index, index_params=index_params,
                        num_workers=num_workers, batch_size=batch_size, max_queries=max_queries,
                        max_corpus=max_corpus, cache_dir=str(cache_dir or default_cache_dir()), use_gpu=gpu,
-                       address=address, split=split_cfg)
+                       address=address, split=split_cfg, index_memory=index_memory, corpus=corpus)
     if dtype == "auto":
         from lbr_ray.hardware import bf16_is_fast
 

@@ -48,6 +48,13 @@ class EvalOptions:
     use_gpu: bool | None = None  # None: when the Ray cluster has GPUs
     address: str | None = None  # Ray cluster address; None = embedded local Ray
     split: SplitConfig = field(default_factory=SplitConfig)
+    index_memory: str | None = None  # --index auto's memory budget ("6G"); None = a quarter of the machine's
+    corpus: str = "domain"  # "joint": every domain's test queries against one corpus of all their passages
+
+    @property
+    def streamed(self) -> bool:
+        """Corpus-scale path (lbr_ray.eval.corpus + ivf): passage texts on disk, a shared-quantizer index."""
+        return self.index == "auto" or self.corpus == "joint"
 
 
 def resolve_split(choice: str, model: str | None) -> tuple[SplitConfig, str]:
@@ -116,11 +123,21 @@ class RetrievalEvaluator:
     def eval_set(self, domain: str) -> EvalSet:
         if domain not in self.sets:
             o = self.opts
+            if o.streamed:
+                from lbr_ray.eval.corpus import build_streamed_set
+
+                joint = o.corpus == "joint"
+                self.sets[domain] = build_streamed_set(o.data_root, o.domains if joint else (domain,),
+                                                       _local_cache(o.cache_dir), o.split, o.max_queries, o.seed,
+                                                       joint, self.log, o.max_corpus)
+                return self.sets[domain]
             self.sets[domain] = build_eval_set(o.data_root, domain, o.split, o.max_queries, o.max_corpus, o.seed)
         return self.sets[domain]
 
     def evaluate(self, method: EncoderRef | BM25Retriever, name: str | None = None) -> dict:
-        sets = {d: self.eval_set(d) for d in self.opts.domains}  # all data errors before any model work
+        check_streamed(self.opts)
+        names = ("joint",) if self.opts.corpus == "joint" else self.opts.domains
+        sets = {d: self.eval_set(d) for d in names}  # all data errors before any model work
         dense = isinstance(method, EncoderRef)
         use_gpu = self.opts.use_gpu
         fingerprint = None
@@ -141,18 +158,27 @@ class RetrievalEvaluator:
                      f"({eset.n_distractors} distractors)")
             run = self._dense(eset, *encoded[domain], bool(use_gpu)) if dense else self._bm25(eset, method)
             out["domains"][domain] = self._score(eset, run)
+        out["driver_peak_rss_bytes"] = _peak_rss()
         return out
 
     def _encode_all(self, sets: dict[str, EvalSet], ref: EncoderRef, fingerprint: str, use_gpu: bool) -> dict:
         """Every domain's passages and queries in one pass of the encoder actor pool: {domain: (docs, queries)}."""
+        from lbr_ray.hardware import encode_batch_size
+
         o = self.opts
+        batch_size = o.batch_size or encode_batch_size(use_gpu)
+        if o.streamed:  # queries in one pass of the pool, each corpus streamed from its parquet parts
+            from lbr_ray.eval.corpus import encode_streamed
+
+            kw = dict(num_workers=o.num_workers, batch_size=batch_size, use_gpu=use_gpu, fingerprint=fingerprint,
+                      log=self.log)
+            queries = encode_many(ref, [(e.queries, "query") for e in sets.values()], o.cache_dir, **kw)
+            return {d: (encode_streamed(ref, e, o.cache_dir, **kw), queries[i])
+                    for i, (d, e) in enumerate(sets.items())}
         jobs = [job for e in sets.values() for job in ((e.doc_texts, "passage"), (e.queries, "query"))]
         self.log(f"encoding {sum(len(t) for t, _ in jobs)} texts of {len(sets)} domain(s) "
                  f"(cache {o.cache_dir}, {o.num_workers} worker(s){', GPU' if use_gpu else ''})")
-        from lbr_ray.hardware import encode_batch_size
-
-        done = encode_many(ref, jobs, o.cache_dir, num_workers=o.num_workers,
-                           batch_size=o.batch_size or encode_batch_size(use_gpu),
+        done = encode_many(ref, jobs, o.cache_dir, num_workers=o.num_workers, batch_size=batch_size,
                            use_gpu=use_gpu, fingerprint=fingerprint, log=self.log)
         return {d: (done[2 * i], done[2 * i + 1]) for i, d in enumerate(sets)}
 
@@ -162,10 +188,18 @@ class RetrievalEvaluator:
             raise LbrError(f"embedding size mismatch: queries have size {queries.dim}, passages {docs.dim}; "
                            "the encoder must embed both into one space")
         q = queries.load()  # [Q, D]
-        shards = list(docs.shards())
         k = min(o.k, len(eset.doc_texts))
         threads = max(1, (os.cpu_count() or 1) // max(o.num_workers, 1)) if not use_gpu else 0
-        if o.index == "auto" or o.index_params == "auto":
+        if o.streamed:
+            from lbr_ray.eval.ivf import parse_bytes, search_corpus
+
+            run = search_corpus(docs.folder, docs.parts, docs.n, docs.dim, q, k, o.index,
+                                o.index_params or ("auto" if o.index == "auto" else ""), parse_bytes(o.index_memory),
+                                o.num_workers, use_gpu, threads, o.seed, self.log, queries.folder.name)
+            return {**run, "encoded_passages": docs.encoded, "encoded_queries": queries.encoded,
+                    "encode_pass_seconds": docs.seconds, "dim": docs.dim}
+        shards = list(docs.shards())
+        if o.index_params == "auto":  # (--index auto took the corpus-scale path above)
             return self._dense_auto(q, shards, k, use_gpu, threads, docs, queries)
         start = time.perf_counter()
         scores, top = search_shards(shards, q, k, o.index, o.index_params, o.num_workers, use_gpu, threads)
@@ -179,17 +213,15 @@ class RetrievalEvaluator:
         return run
 
     def _dense_auto(self, q, shards, k: int, use_gpu: bool, threads: int, docs, queries) -> dict:
-        """`--index auto` / `--index-params auto`: the cheapest search parameter reaching recall@10 >= 0.99 against
+        """`--index-params auto` with a given index: the cheapest search parameter reaching recall@10 >= 0.99 against
         exact search on a sample of the queries, then every query searched with it; both indexes are built
         once and only their searches are timed, so `qps_ratio_vs_exact` compares search speed alone. An ANN index
         that is slower than exact search at that recall (small corpora, BLAS-fast exact search) is reported but
         not used (`used: exact`)."""
-        from lbr_ray.eval.index import AUTO_TARGET, ShardedIndex, auto_spec, group_shards, tune_search_params
+        from lbr_ray.eval.index import AUTO_TARGET, ShardedIndex, tune_search_params
 
         o = self.opts
         spec = o.index
-        if spec == "auto":
-            spec = auto_spec(min(len(r) for _, r in group_shards(shards, max(o.num_workers, 1))))
         sample = q[np.random.default_rng(o.seed).permutation(len(q))[: min(len(q), 1000)]]
         with ShardedIndex(shards, "Flat", "", o.num_workers, use_gpu, threads) as flat:
             start = time.perf_counter()
@@ -244,6 +276,37 @@ class RetrievalEvaluator:
         self.log(f"  R@10 {rows[0]['recall@10']:.4f}  NDCG@10 {rows[0]['ndcg@10']:.4f}  search {q_per_s:.0f} q/s")
         return {"n_queries": len(eset.queries), "corpus_size": len(eset.doc_texts), "n_distractors": eset.n_distractors,
                 "notes": eset.notes, "rows": rows, "queries_per_s": q_per_s, **run}
+
+
+def check_streamed(o: EvalOptions) -> None:
+    """Options the corpus-scale path cannot take, refused before any data is read."""
+    from lbr_ray.eval.ivf import parse_bytes
+
+    parse_bytes(o.index_memory)
+    if o.corpus not in ("domain", "joint"):
+        raise LbrError(f"--corpus must be domain or joint, got {o.corpus!r}")
+    if not o.streamed:
+        return
+    if o.max_corpus is not None and o.corpus == "joint":
+        raise LbrError("--max-corpus cannot be combined with --corpus joint: the joint corpus is every passage "
+                       "(cap the queries with --max-queries)")
+    if not (o.index == "auto" or is_exact(o.index) or o.index.upper().startswith("IVF")):
+        raise LbrError(f"--index {o.index} with --corpus joint: corpus-scale search takes auto, Flat, exact or an "
+                       "IVF factory string (e.g. IVF1024,PQ32x4fs)")
+
+
+def _local_cache(cache_dir: str) -> str:
+    """Where streamed sets are saved: the cache folder, or its local staging copy for s3:// / gs:// caches."""
+    from lbr_ray import storage
+
+    return str(storage.staging_dir(cache_dir)) if storage.is_remote(cache_dir) else cache_dir
+
+
+def _peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux reports KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def resolve_data_root(data_root: str | None, repo_root: Path | None = None) -> str:

@@ -132,7 +132,29 @@ def group_shards(shards: list[tuple[np.ndarray, np.ndarray]], num_shards: int) -
     return [(np.concatenate([np.asarray(e) for e, _ in g]), np.concatenate([r for _, r in g])) for g in groups if g]
 
 
-class ShardedIndex:
+class ShardGroup:
+    """Shards held in this process (`local`) or as Ray actors (`actors`); closing (or leaving `with`) kills the
+    actors."""
+
+    actors: list
+    local: list
+
+    def close(self) -> None:
+        if self.actors:
+            import ray
+
+            for a in self.actors:
+                ray.kill(a)
+        self.actors, self.local = [], []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ShardedIndex(ShardGroup):
     """Search shards built once and searched many times: Ray actors (num_workers >= 1) or in-process (0).
 
         with ShardedIndex(shards, "IVF256,Flat", "nprobe=8", num_workers=2) as index:
@@ -181,20 +203,6 @@ class ShardedIndex:
         q_ref = ray.put(q)
         return merge_topk(ray.get([a.search.remote(q_ref, k) for a in self.actors]), k)  # shards in parallel
 
-    def close(self) -> None:
-        if self.actors:
-            import ray
-
-            for a in self.actors:
-                ray.kill(a)
-        self.actors, self.local = [], []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
 
 def search_shards(shards: list[tuple[np.ndarray, np.ndarray]], q: np.ndarray, k: int, spec: str = "Flat",
                   params: str = "", num_workers: int = 1, use_gpu: bool = False,
@@ -205,15 +213,6 @@ def search_shards(shards: list[tuple[np.ndarray, np.ndarray]], q: np.ndarray, k:
 
 
 AUTO_TARGET = 0.99  # recall@10 against exact search that `--index-params auto` must reach on the sample
-
-
-def auto_spec(n_rows_per_shard: int) -> str:
-    """`--index auto`: an IVF index sized to the shard, nlist ~ 4 sqrt(n) (a power of two, >= 39 rows per list
-    for FAISS's k-means), or Flat for shards too small for an IVF index to pay off."""
-    if n_rows_per_shard < 4096:
-        return "Flat"
-    nlist = 2 ** int(np.log2(4 * np.sqrt(n_rows_per_shard)))
-    return f"IVF{min(nlist, n_rows_per_shard // 39)},Flat"
 
 
 def search_param_candidates(spec: str) -> list[str]:

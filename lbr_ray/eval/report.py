@@ -63,6 +63,10 @@ def markdown(results: dict, title: str | None = None) -> str:
         if "qps_ratio_vs_exact" in r:
             extra += [f"{r['index']} {r['index_params']}".strip() + f": {r['qps_ratio_vs_exact']:.2f}x exact q/s"
                       + (" (exact used)" if r.get("used") == "exact" else "")]
+        if r.get("index_build", {}).get("bytes_per_vector"):
+            b = r["index_build"]
+            extra += [f"index {b['bytes_per_vector']:.0f} bytes/passage, " + (
+                "read back" if b["reused"] else f"built in {b['build_seconds']:.0f}s")]
         extra += [f"{r['queries_per_s']:.0f} q/s"]
         groups = " | ".join(_pair(by.get(g)) for g in ("hard", "moderate", "easy"))
         lines.append(f"| {d} | {r['n_queries']} | {r['corpus_size']} | " + " | ".join(

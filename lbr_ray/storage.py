@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import io
 import os
 import posixpath
@@ -21,6 +22,15 @@ from lbr_ray.errors import ConfigError
 
 REMOTE = ("s3://", "gs://", "gcs://")
 TIMEOUT_S = 10.0  # connect/request timeout: an unreachable endpoint fails in seconds, not after minutes of retries
+
+
+def sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a local file, read in 16 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def cache_root() -> Path:

@@ -10,7 +10,6 @@ peft, Ray workers). `convert` checks that the saved folder's logits equal those 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -19,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from lbr_ray.errors import ConfigError
-from lbr_ray.storage import cache_root
+from lbr_ray.storage import cache_root, sha256
 
 MAGIC = b"GGUF"
 CHECK_TEXTS = ("The patient was given 5 mg of warfarin.", "def add(a, b):\n    return a + b",
@@ -29,14 +28,6 @@ SOURCE = "lbr_ray_gguf.json"  # written into a converted folder: the file it cam
 
 def is_gguf(name: str | os.PathLike) -> bool:
     return str(name).lower().endswith(".gguf")
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def check_file(path: str | os.PathLike, option: str = "model.name") -> Path:
@@ -96,7 +87,7 @@ def convert(path: str | os.PathLike, out: str | os.PathLike, option: str = "mode
         back = AutoModelForCausalLM.from_pretrained(tmp, dtype=lm.dtype).eval()
         diffs = [float((a - b).abs().max()) for a, b in zip(_logits(lm, tok, CHECK_TEXTS), _logits(back, tok,
                                                                                                       CHECK_TEXTS))]
-        report = {"source": str(src.resolve()), "sha256": file_sha256(src), "architecture": lm.config.model_type,
+        report = {"source": str(src.resolve()), "sha256": sha256(src), "architecture": lm.config.model_type,
                   "parameters": sum(p.numel() for p in lm.parameters()), "vocab": len(tok),
                   "checked_texts": len(CHECK_TEXTS), "max_abs_logit_diff": max(diffs), "dtype": str(lm.dtype)}
         if max(diffs) != 0.0:
@@ -118,7 +109,7 @@ def cached_folder(path: str | os.PathLike, option: str = "model.name") -> Path:
     from filelock import FileLock
 
     src = check_file(path, option)
-    folder = cache_root() / "gguf" / file_sha256(src)[:16]
+    folder = cache_root() / "gguf" / sha256(src)[:16]
     if (folder / SOURCE).is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)

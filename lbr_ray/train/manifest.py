@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 from collections.abc import Callable, Iterator
@@ -18,16 +17,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import ContextManager
 
+from lbr_ray.storage import sha256
+
 MANIFEST = "manifest.json"
 RANK_FILES = "files.rank{}.json"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_rank_files(folder: Path, rank: int) -> None:

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 WORKERS ?= 2
 
-.PHONY: setup demo demo-llm smollm2 test test-unit bench lint clean
+.PHONY: setup demo demo-llm smollm2 test test-unit bench clean
 
 setup: $(VENV)/.installed
 

@@ -43,7 +43,8 @@ def study_command(
     seeds: Annotated[str, typer.Option(help="Comma-separated training seeds.")] = "0,1,2",
     heldout: Annotated[str, typer.Option(help="Comma-separated domains evaluated but never trained on.")] = "",
     data_root: Annotated[Optional[Path], typer.Option(help="Folder of domain folders (default: the folder above "
-                                                      "the config's first pairs file's domain).",
+                                                      "the domain folder of the config's first data.pairs entry, "
+                                                      "itself a domain folder or a file in one).",
                                                       show_default=False)] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Study folder.", show_default=False)]
         = None,
@@ -140,8 +141,9 @@ def study_inputs(config, target, variants, seeds, heldout, data_root, output, re
     except ValueError:
         raise ConfigError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
     cfg = load_config(config, list(overrides or []))
-    if data_root is None:
-        data_root = Path(cfg.data.pairs[0]).expanduser().resolve().parent.parent
+    if data_root is None:  # data.pairs names a domain folder (../shared/data/medical) or a file in one
+        first = Path(cfg.data.pairs[0]).expanduser().resolve()
+        data_root = (first if first.is_dir() else first.parent).parent
     spec = StudySpec(target=target, variants=parse_list(variants), seeds=seed_list, heldout=parse_list(heldout),
                      data_root=str(Path(data_root).resolve()), baselines=parse_list(baselines),
                      results=str(results) if results else "", **options)

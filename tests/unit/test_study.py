@@ -221,3 +221,16 @@ def test_a_run_read_back_scores_what_the_evaluator_scored(tmp_path):
     mine = {m: float(v.mean()) for m, v in per_query_metrics(res["top"], eset.qrels, metrics).items()}
     assert {m: mine[m] for m in DEFAULT_METRICS} == {m: res["rows"][0][m] for m in DEFAULT_METRICS}
     assert scores == pytest.approx(mine, abs=1e-9)
+
+
+@pytest.mark.parametrize("pairs", ["data/demo/medical", "data/demo/medical/pairs.jsonl.gz"])
+def test_default_data_root_is_the_folder_above_the_domain(pairs, tmp_path):
+    """data.pairs may name a domain folder (as configs/smollm2-135m-medical.yaml does) or a file in one: either
+    way the study's held-out domains are looked up beside the target's folder."""
+    from pathlib import Path
+
+    from cli.study import study_inputs
+
+    _, spec, _ = study_inputs(Path("configs/demo.yaml"), "medical", "lbr", "0", "biology", None, tmp_path / "s",
+                              False, [f"data.pairs={pairs}"])
+    assert spec.data_root == str(Path("data/demo").resolve())

@@ -24,7 +24,11 @@ for _module in (train, evaluate, export, convert, mine, cluster, tune, study, pl
 
 
 def main() -> None:
-    """Console entry point: an LbrError becomes one line on stderr and exit code 2 (LBR_DEBUG=1: traceback)."""
+    """Console entry point: an LbrError becomes one line on stderr and exit code 2 (LBR_DEBUG=1: traceback).
+    Hugging Face's progress bars (a "Loading weights" bar per model load) stay off the console, in this process and
+    the Ray workers it starts, unless --verbose or HF_HUB_DISABLE_PROGRESS_BARS says otherwise."""
+    if "--verbose" not in sys.argv:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         app()
     except SystemExit:

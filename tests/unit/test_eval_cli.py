@@ -1,6 +1,7 @@
 """`lbr eval` options, bad input (one clear error each) and the report files, without Ray (--num-workers 0)."""
 import csv
 import json
+import os
 from pathlib import Path
 import subprocess
 import sys
@@ -104,3 +105,17 @@ def test_index_auto_end_to_end_scores_like_exact_search(tmp_path):
         rows[index] = json.loads((tmp_path / index / "report.json").read_text())["domains"]["medical"]
     assert rows["auto"]["used"] in ("ann", "exact") and rows["auto"]["ann_recall@10"] == 1.0
     assert rows["auto"]["rows"] == rows["Flat"]["rows"]
+
+
+def test_console_has_no_hf_progress_bars(tmp_path):
+    """Loading a model prints no "Loading weights" bar through `lbr` (framework chatter), but does
+    when the user asks for them (HF_HUB_DISABLE_PROGRESS_BARS=0)."""
+    code = "from cli.main import main; import sys; sys.argv = ['lbr'] + sys.argv[1:]; main()"
+    args = ["eval", "--baseline", "minilm", "--domains", "medical", "--data-root", DEMO, "--num-workers", "0",
+            "--max-queries", "5", "--max-corpus", "20", "--output", str(tmp_path / "out")]
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_DISABLE_PROGRESS_BARS"}
+    for cache, extra_env, bars in (("a", {}, False), ("b", {"HF_HUB_DISABLE_PROGRESS_BARS": "0"}, True)):
+        out = subprocess.run([sys.executable, "-c", code, *args, "--cache-dir", str(tmp_path / cache)],
+                             capture_output=True, text=True, timeout=300, env={**env, **extra_env}, cwd=ROOT)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert ("Loading weights" in out.stdout + out.stderr) == bars, out.stderr[-2000:]

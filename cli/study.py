@@ -67,6 +67,9 @@ def study_command(
                                                            show_default=False)] = None,
     eval_workers: Annotated[int, typer.Option(help="Encoder actors per cell evaluation (0 = in the cell's "
                                               "process).")] = 0,
+    eval_dtype: Annotated[str, typer.Option(help="Compute dtype of the test encoding (cells and --baselines base): "
+                                            "auto = bfloat16 where it is fast (as lbr eval's --dtype auto), "
+                                            "float32 or bfloat16; saved with the study.")] = "auto",
     rescore: Annotated[bool, typer.Option("--rescore", help="Recompute the significance of the ended study in "
                                           "--output from its TREC runs (no training).")] = False,
     stat_test: Annotated[str, typer.Option(help="Paired test over queries: fisher (randomization) or student "
@@ -100,7 +103,7 @@ def study_command(
     cfg, spec, folder = study_inputs(config, target, variants, seeds, heldout, data_root, output, resume,
                                      overrides, results=results, test_max_queries=test_max_queries,
                                      test_max_corpus=test_max_corpus, eval_workers=eval_workers, stat_test=stat_test,
-                                     max_p=max_p, baselines=baselines)
+                                     max_p=max_p, baselines=baselines, eval_dtype=eval_dtype)
     if commit and spec.results == "":
         from lbr_ray.errors import ConfigError
 
@@ -141,12 +144,19 @@ def study_inputs(config, target, variants, seeds, heldout, data_root, output, re
     except ValueError:
         raise ConfigError(f"--seeds must be comma-separated integers, got {seeds!r}") from None
     cfg = load_config(config, list(overrides or []))
+    eval_dtype = options.pop("eval_dtype", "auto")
+    if eval_dtype not in ("auto", "float32", "bfloat16"):
+        raise ConfigError(f"--eval-dtype must be auto, float32 or bfloat16, got {eval_dtype!r}")
+    if eval_dtype == "auto":
+        from lbr_ray.hardware import bf16_is_fast
+
+        eval_dtype = "bfloat16" if bf16_is_fast() else "float32"
     if data_root is None:  # data.pairs names a domain folder (../shared/data/medical) or a file in one
         first = Path(cfg.data.pairs[0]).expanduser().resolve()
         data_root = (first if first.is_dir() else first.parent).parent
     spec = StudySpec(target=target, variants=parse_list(variants), seeds=seed_list, heldout=parse_list(heldout),
                      data_root=str(Path(data_root).resolve()), baselines=parse_list(baselines),
-                     results=str(results) if results else "", **options)
+                     results=str(results) if results else "", eval_dtype=eval_dtype, **options)
     check_spec(spec)
     return study_config(cfg, spec, folder), spec, folder
 

@@ -52,6 +52,8 @@ class StudySpec:
     test_max_queries: int | None = None  # caps of the test evaluation (deterministic samples, the same in every cell)
     test_max_corpus: int | None = None
     eval_workers: int = 0  # encoder actors of each cell's evaluation (0 = in the cell's driver process)
+    eval_dtype: str = "float32"  # compute dtype of every cell's and the base baseline's test encoding (saved, so a
+    # resumed grid encodes as it began; studies from before the field encoded in float32)
     stat_test: str = "fisher"  # lbr_ray.eval.trec.paired_test: fisher (randomization) or student (paired t-test)
     max_p: float = 0.05
     control: str = "lbr"  # significance of control minus each other variant
@@ -183,7 +185,7 @@ def evaluate_cell(model_dir: Path, cfg: LbrConfig, spec: StudySpec, study: Path,
 
     ev = RetrievalEvaluator(eval_options(cfg, spec, study / "embedding_cache"), keep_ranking=True,
                             log=lambda msg: print(f"[lbr] study {tag}: {msg}", flush=True))
-    results = ev.evaluate(load_encoder(str(model_dir)), tag)
+    results = ev.evaluate(load_encoder(str(model_dir), dtype=spec.eval_dtype), tag)
     out = {}
     for domain, res in results["domains"].items():
         eset = ev.eval_set(domain)
@@ -438,12 +440,12 @@ def _commit(commit: bool, paths: list[Path], message: str) -> None:
 def baseline_methods(cfg: LbrConfig, spec: StudySpec) -> dict:
     """{name: what lbr eval scores it with}: bm25; minilm (all-MiniLM-L6-v2 as `lbr eval --baseline minilm`);
     base = the config's model.name untrained, last-token pooled (CausalLMEncoder), cut at data.max_input_tokens
-    and computed in model.dtype like the trained cells."""
+    and computed in the study's eval_dtype like the trained cells."""
     from lbr_ray.eval.baselines import BM25Retriever, base_ref, minilm_ref
 
     make = {"bm25": BM25Retriever, "minilm": minilm_ref,
             "base": lambda: base_ref(cfg.model.name, cfg.model.from_scratch, seed=cfg.run.seed,
-                                     max_length=cfg.data.max_input_tokens, dtype=cfg.model.dtype)}
+                                     max_length=cfg.data.max_input_tokens, dtype=spec.eval_dtype)}
     return {name: make[name]() for name in spec.baselines}
 
 
@@ -679,7 +681,7 @@ def markdown(doc: dict, spec: StudySpec) -> str:
              f"Test R@10, mean ± std over seeds (sample std); dev R@10 is the in-domain dev set of training."
              + (" Every cell and baseline is scored on the same test sets: " + ", ".join(
                  f"{d} {sets[d]['queries']:,} queries × {sets[d]['passages']:,} passages" for d in spec.domains
-                 if d in sets) + "." if sets else ""), "",
+                 if d in sets) + "." if sets else "") + f" Test encoding in {spec.eval_dtype}.", "",
              "| variant | seeds | " + " | ".join(cols) + " | dev R@10 |",
              "|---|---|" + "---|" * len(cols) + "---|"]
     for r in doc["table"]:

@@ -160,11 +160,31 @@ def test_the_baselines_are_what_lbr_eval_scores():
 
     cfg = load_config("configs/demo.yaml")
     spec = StudySpec(target="medical", variants=("lbr",), seeds=(0,), data_root="x", baselines=("bm25", "minilm",
-                                                                                                "base"))
+                                                                                                "base"),
+                     eval_dtype="bfloat16")
     methods = baseline_methods(cfg, spec)
     assert isinstance(methods["bm25"], BM25Retriever) and methods["minilm"] == minilm_ref()
     assert methods["base"] == base_ref(cfg.model.name, True, max_length=cfg.data.max_input_tokens,
-                                       dtype=cfg.model.dtype)
+                                       dtype="bfloat16")
+
+
+def test_the_eval_dtype_is_resolved_once_and_kept(tmp_path):
+    """--eval-dtype auto becomes this machine's choice (bf16 where lbr eval's --dtype auto picks it) and is saved in
+    the spec; a study saved before the field existed reads back as float32, the dtype it encoded in."""
+    from cli.study import study_inputs
+    from lbr_ray.hardware import bf16_is_fast
+    from lbr_ray.tune.study import spec_from_dict
+
+    def spec(dtype):
+        return study_inputs(Path("configs/demo.yaml"), "medical", "lbr", "0", "", None, tmp_path / "s", False, [],
+                            eval_dtype=dtype)[1]
+
+    assert spec("auto").eval_dtype == ("bfloat16" if bf16_is_fast() else "float32")
+    assert spec("float32").eval_dtype == "float32"
+    with pytest.raises(ConfigError, match="--eval-dtype must be"):
+        spec("fp8")
+    old = {"target": "medical", "variants": ["lbr"], "seeds": [0], "data_root": "x"}
+    assert spec_from_dict(old).eval_dtype == "float32"
 
 
 def test_the_committed_spec_resolves_in_a_clone_elsewhere(tmp_path):

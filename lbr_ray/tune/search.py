@@ -153,10 +153,22 @@ def build_tuner(cfg: LbrConfig, sweep: Path, callbacks: list | None = None, quie
     lines = [TrialLines("tune", expected_trials(cfg), lambda c: f"trial {trial_label(c).replace('_', ' ')}")]
     callbacks = [ReleaseStoppedTrials(sweep / "trials"), *(lines if quiet else []), *(callbacks or [])]
     failures = tune.FailureConfig(max_failures=trial_failures(cfg))
-    run_config = tune.RunConfig(name=EXPERIMENT, storage_path=str(sweep), callbacks=callbacks,
-                                failure_config=failures, verbose=0 if quiet else 1)
     return tune.Tuner(trainable(cfg, sweep, quiet), param_space=param_space(cfg), tune_config=tune_config,
-                      run_config=run_config)
+                      run_config=run_config(sweep, quiet, callbacks, failures))
+
+
+def run_config(storage: Path, quiet: bool, callbacks: list, failures) -> tune.RunConfig:
+    """Tune's RunConfig for a sweep or a study (quiet: lbr's trial lines instead of Tune's output)."""
+    return tune.RunConfig(name=EXPERIMENT, storage_path=str(storage), callbacks=callbacks, failure_config=failures,
+                          verbose=tune_verbosity(quiet))
+
+
+def tune_verbosity(quiet: bool) -> int:
+    """RunConfig.verbose. Quiet also selects Tune's older reporter (read by Tuner.fit, after Tuner.restore too),
+    which prints nothing at 0; the default one prints an experiment box and TensorBoard hints whatever it says."""
+    if quiet:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    return 0 if quiet else 1
 
 
 def trial_failures(cfg: LbrConfig) -> int:
@@ -229,6 +241,7 @@ def run_sweep(cfg: LbrConfig, resume: bool = False, address: str | None = None,
     # sized for the concurrent trials
     ensure_ray(replace(cfg, scaling={"num_workers": workers}, run={"output": str(sweep)}), address, quiet)
     if resume:  # Tuner.restore brings back the first session's callbacks and console verbosity
+        tune_verbosity(quiet)
         tuner = tune.Tuner.restore(str(sweep / EXPERIMENT), trainable=trainable(cfg, sweep, quiet),
                                    resume_unfinished=True, resume_errored=True)
     else:

@@ -287,18 +287,16 @@ def build_tuner(cfg: LbrConfig, spec: StudySpec, study: Path, callbacks: list | 
     from ray.tune.search import BasicVariantGenerator
 
     from lbr_ray.tune.cleanup import ReleaseStoppedTrials
-    from lbr_ray.tune.search import EXPERIMENT, concurrency, trial_failures
+    from lbr_ray.tune.search import concurrency, run_config, trial_failures
 
     space = {"cell": tune.grid_search(cells or grid_cells(spec))}  # one grid axis: the cells in run order
     tune_config = tune.TuneConfig(metric=f"test_{spec.target}_{METRIC}", mode="max",
                                   search_alg=BasicVariantGenerator(max_concurrent=concurrency(cfg)),
                                   num_samples=1, trial_name_creator=cell_name, trial_dirname_creator=cell_name)
-    run_config = tune.RunConfig(name=EXPERIMENT, storage_path=str(study), verbose=0 if quiet else 1,
-                                callbacks=[ReleaseStoppedTrials(study / "cells"), *console_lines(spec, quiet),
-                                           *(callbacks or [])],
-                                failure_config=tune.FailureConfig(max_failures=trial_failures(cfg)))
+    callbacks = [ReleaseStoppedTrials(study / "cells"), *console_lines(spec, quiet), *(callbacks or [])]
+    failures = tune.FailureConfig(max_failures=trial_failures(cfg))
     return tune.Tuner(trainable(cfg, spec, study, quiet, commit), param_space=space, tune_config=tune_config,
-                      run_config=run_config)
+                      run_config=run_config(study, quiet, callbacks, failures))
 
 
 def console_lines(spec: StudySpec, quiet: bool) -> list:
@@ -373,7 +371,7 @@ def run_study(cfg: LbrConfig, spec: StudySpec, study: str | Path, resume: bool =
     from lbr_ray.train.launcher import ensure_ray, print_config
     from lbr_ray.tune.cleanup import remove_recorded
     from lbr_ray.tune.results import committed, save_spec
-    from lbr_ray.tune.search import EXPERIMENT
+    from lbr_ray.tune.search import EXPERIMENT, tune_verbosity
     from lbr_ray.tune.space import tuning_config
 
     t0 = t0 or time.time()
@@ -397,6 +395,7 @@ def run_study(cfg: LbrConfig, spec: StudySpec, study: str | Path, resume: bool =
         ensure_ray(replace(cfg, scaling={"num_workers": workers}, run={"output": str(study)}), address, quiet)
     run_baselines(cfg, spec, study, methods, commit)
     if started:  # Tuner.restore brings back the first session's callbacks and console verbosity
+        tune_verbosity(quiet)
         tuner = tune.Tuner.restore(str(study / EXPERIMENT), trainable=trainable(cfg, spec, study, quiet, commit),
                                    resume_unfinished=True, resume_errored=True)
     else:

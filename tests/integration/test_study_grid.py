@@ -48,6 +48,7 @@ def test_study_grid_resumes_without_rerunning_finished_cells(ray_local, tmp_path
     cells = [p.name for p in (clone / "cells").iterdir()]
     assert len(cells) == 1 and "variant=lbr" in cells[0], cells  # cl was not retrained
     assert "[lbr] study: 1 of 2 cells are done in" in out.output
+    assert "View detailed results" not in out.output and "TensorBoard" not in out.output  # Tune's chatter
     assert len((clone / "stage1" / "runs.jsonl").read_text().splitlines()) == 1  # lbr's stage 1, trained once
     lbr_json = (results / "cells" / "lbr_seed0" / "cell.json").read_bytes()
 
@@ -55,6 +56,7 @@ def test_study_grid_resumes_without_rerunning_finished_cells(ray_local, tmp_path
     elsewhere.rename(study)
     out = CliRunner().invoke(app, ["study", "--output", str(study), "--resume"])
     assert out.exit_code == 0, out.output[-3000:]
+    assert "Configuration for experiment" not in out.output  # Tuner.restore's run is quiet too
     assert (results / "cells" / "lbr_seed0" / "cell.json").read_bytes() == lbr_json
     assert not any((study / "cells").glob("*variant=lbr*/gr_cl/model"))
     assert json.loads((study / "results.json").read_text())["table"] == json.loads(

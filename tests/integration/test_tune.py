@@ -58,6 +58,7 @@ def test_sweep_reuses_stage1_stops_early_resumes_and_reports(ray_local, tmp_path
     assert "interrupted" in (sweep / "results.md").read_text()
     console = capfd.readouterr().out  # the quiet console: a line per trial as it starts and ends, with its metric
     assert console.count("[lbr] tune: trial ") >= 6 and " done in " in console and "dev_recall@10 0." in console
+    assert "Configuration for experiment" not in console and "View detailed results" not in console  # Tune's own
 
     out = CliRunner().invoke(app, ["tune", "--output", str(sweep), "--resume"])
     assert out.exit_code == 0, out.output[-3000:]

@@ -21,6 +21,7 @@ tune.ib_gl_steps / tune.gr_cl_steps (default: the config's own).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -176,6 +177,20 @@ def eval_options(cfg: LbrConfig, spec: StudySpec, cache: Path):
                        max_corpus=spec.test_max_corpus, cache_dir=str(cache), seed=0, split=cfg.data.split)
 
 
+@contextlib.contextmanager
+def eval_threads(cfg: LbrConfig):
+    """Torch threads of an in-process test evaluation (eval_workers 0): the CPUs the cell's Train workers held, now
+    free (Ray starts the cell's driver with one thread: it only waited on them)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(before, int(cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
 def evaluate_cell(model_dir: Path, cfg: LbrConfig, spec: StudySpec, study: Path, cell: Path, tag: str) -> dict:
     """The cell's model on every domain's test split: report files, TREC runs, {domain: metrics of group all}."""
     from lbr_ray.eval.encode import load_encoder
@@ -185,7 +200,8 @@ def evaluate_cell(model_dir: Path, cfg: LbrConfig, spec: StudySpec, study: Path,
 
     ev = RetrievalEvaluator(eval_options(cfg, spec, study / "embedding_cache"), keep_ranking=True,
                             log=lambda msg: print(f"[lbr] study {tag}: {msg}", flush=True))
-    results = ev.evaluate(load_encoder(str(model_dir), dtype=spec.eval_dtype), tag)
+    with eval_threads(cfg):
+        results = ev.evaluate(load_encoder(str(model_dir), dtype=spec.eval_dtype), tag)
     out = {}
     for domain, res in results["domains"].items():
         eset = ev.eval_set(domain)

@@ -234,3 +234,22 @@ def test_default_data_root_is_the_folder_above_the_domain(pairs, tmp_path):
     _, spec, _ = study_inputs(Path("configs/demo.yaml"), "medical", "lbr", "0", "biology", None, tmp_path / "s",
                               False, [f"data.pairs={pairs}"])
     assert spec.data_root == str(Path("data/demo").resolve())
+
+
+def test_a_cells_evaluation_uses_the_cpus_its_training_freed():
+    """Ray starts a cell's driver with one torch thread; its in-process test encoding runs on the Train workers'
+    CPUs once they have ended, and the driver's setting comes back after."""
+    import torch
+
+    from lbr_ray.config import load_config
+    from lbr_ray.tune.study import eval_threads
+
+    cfg = load_config("configs/demo.yaml", ["scaling.num_workers=2", "scaling.cpus_per_worker=1"])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with eval_threads(cfg) as threads:
+            assert threads == torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -118,10 +118,9 @@ def eval_command(
                        num_workers=num_workers, batch_size=batch_size, max_queries=max_queries,
                        max_corpus=max_corpus, cache_dir=str(cache_dir or default_cache_dir()), use_gpu=gpu,
                        address=address, split=split_cfg, index_memory=index_memory, corpus=corpus)
-    if dtype == "auto":
-        from lbr_ray.hardware import bf16_is_fast
+    from lbr_ray.hardware import encode_dtype
 
-        dtype = "bfloat16" if bf16_is_fast("cpu" if gpu is False else None) else "float32"
+    dtype = encode_dtype(dtype, "cpu" if gpu is False else None)
     method, name = retrieval_method(baseline, model, from_scratch, max_length, threads=max(num_workers, 1),
                                     dtype=dtype)
     if baseline in (None, "base") and method.kind != "st":

@@ -147,10 +147,9 @@ def study_inputs(config, target, variants, seeds, heldout, data_root, output, re
     eval_dtype = options.pop("eval_dtype", "auto")
     if eval_dtype not in ("auto", "float32", "bfloat16"):
         raise ConfigError(f"--eval-dtype must be auto, float32 or bfloat16, got {eval_dtype!r}")
-    if eval_dtype == "auto":
-        from lbr_ray.hardware import bf16_is_fast
+    from lbr_ray.hardware import encode_dtype
 
-        eval_dtype = "bfloat16" if bf16_is_fast() else "float32"
+    eval_dtype = encode_dtype(eval_dtype)
     if data_root is None:  # data.pairs names a domain folder (../shared/data/medical) or a file in one
         first = Path(cfg.data.pairs[0]).expanduser().resolve()
         data_root = (first if first.is_dir() else first.parent).parent

@@ -34,6 +34,13 @@ def bf16_is_fast(device: torch.device | str | None = None) -> bool:
     return info is not None and bool({"avx512_bf16", "amx_bf16"} & info[0])
 
 
+def encode_dtype(choice: str, device: torch.device | str | None = None) -> str:
+    """An encoding dtype option (auto | float32 | bfloat16) as a dtype: auto = bfloat16 where it is fast."""
+    if choice != "auto":
+        return choice
+    return "bfloat16" if bf16_is_fast(device) else "float32"
+
+
 def encode_batch_size(gpu: bool) -> int:
     """Texts per forward pass when embedding: 16 on a CPU (SmolLM2 in bf16 embedded 19.7 passages per CPU second at
     16, 18.5 at 32, 13.6 at 64: benchmarks/results/cpu_speed.json), 64 on a GPU."""

@@ -98,6 +98,7 @@ class GRCLConfig(StageConfig):
     cache_chunk: int = 0  # > 0: GradCache, rows encoded this many at a time (activations of a chunk, not of the
     #                       batch; the same loss and gradients, ~1 more forward per step; docs/gradcache.md); 0 = off
     eval_every: int = 50  # dev R@10 every N steps (0 = only at the end)
+    eval_at_start: bool = True  # dev R@10 before the first step too (the reference point; one more evaluation)
     eval_queries: int = 200  # dev queries for the in-training R@10
     eval_corpus: int = 2000  # distractor passages added to the dev positives
     collapse_std: float = 1e-3  # warn when the embedding std falls below this

@@ -157,7 +157,7 @@ def train_fn(config: dict) -> None:
         return last_eval["metrics"]
 
     evaluate = dev_at if dev else None
-    if evaluate is not None and state.step == 0:
+    if evaluate is not None and st.eval_at_start and state.step == 0:
         run.report({"step": 0, **evaluate(state)})  # the step-0 reference point
     telemetry = run.telemetry(st.max_steps, state)
 

@@ -95,8 +95,9 @@ def _run_gr_cl(cfg: LbrConfig, init: str | None, t0: float, match_compute: bool,
     _print_stage(cfg, res)
     devs = [m for m in res.metrics if "dev_recall@10" in m]
     if devs:
-        print(f"[lbr] dev R@10: {devs[0]['dev_recall@10']:.4f} at step {devs[0]['step']} -> "
-              f"{devs[-1]['dev_recall@10']:.4f} at step {devs[-1]['step']} "
+        first, last = devs[0], devs[-1]  # first: step 0's reference point unless gr_cl.eval_at_start is off
+        start = f"{first['dev_recall@10']:.4f} at step {first['step']} -> " if first["step"] != last["step"] else ""
+        print(f"[lbr] dev R@10: {start}{last['dev_recall@10']:.4f} at step {last['step']} "
               f"({len(dev.queries)} dev queries, {len(dev.doc_texts)} passages)", flush=True)
     return res, (bm25_context(devs[-1]["dev_recall@10"], dev) if devs else None)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -59,14 +60,15 @@ def test_gl_cl_variant_trains_stage_1_as_a_plain_lm(ray_local, tmp_path):
 def test_cl_variant_from_the_cli_to_gs(gcs_server, tmp_path):
     """`lbr train --variant cl --output gs://...` on the embedded Ray that the command starts: Ray Train's
     checkpoints (each with its manifest), the metrics and the final model land in the bucket. GR-CL runs with
-    GradCache (gr_cl.cache_chunk; tests/unit/test_gradcache.py proves it equal to the plain step)."""
+    GradCache (gr_cl.cache_chunk; tests/unit/test_gradcache.py proves it equal to the plain step) and evaluates dev
+    only at the end (no step-0 evaluation: gr_cl.eval_at_start=false, as `make demo-llm` does)."""
     from lbr_ray import storage
 
     gcs_server("lbr-runs")
     out = "gs://lbr-runs/cl"
     cmd = [sys.executable, "-m", "cli.main", "train", "--stage", "all", "--variant", "cl", "--config",
            "configs/demo.yaml", "--output", out, "--num-workers", "2"]
-    for o in VARIANT_RUN + ["gr_cl.checkpoint_every=2", "gr_cl.cache_chunk=6"]:
+    for o in VARIANT_RUN + ["gr_cl.checkpoint_every=2", "gr_cl.cache_chunk=6", "gr_cl.eval_at_start=false"]:
         cmd += ["--set", o]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "LBR_STAGING": str(tmp_path / "staging")})
@@ -84,6 +86,8 @@ def test_cl_variant_from_the_cli_to_gs(gcs_server, tmp_path):
         rows = [json.loads(line) for line in fh.read().decode().splitlines() if line.strip()]
     last = [r for r in rows if "nce_loss" in r][-1]
     assert last["step"] == 4 and last["gen_loss"] > 0  # gen_weight > 0: the IB loss on query -> positive trains too
+    assert {r["step"] for r in rows if "dev_recall@10" in r} == {4}  # no step-0 row
+    assert re.search(r"\[lbr\] dev R@10: [0-9.]+ at step 4 \(", proc.stdout), proc.stdout[-2000:]
 
 
 def test_collapse_monitor_flags_the_failure_signature():

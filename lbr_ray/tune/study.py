@@ -549,12 +549,13 @@ def read_cells(study: Path, results: str = "") -> list[dict]:
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
-    """Mean and sample standard deviation (ddof=1; 0 for one value)."""
+    """Mean and sample standard deviation (ddof=1; None for one value, whose spread is unknown, not 0)."""
     if not values:
         return None, None
     mean = sum(values) / len(values)
-    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
-    return mean, math.sqrt(var)
+    if len(values) == 1:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def summarize(cells: list[dict], spec: StudySpec) -> list[dict]:
@@ -677,7 +678,7 @@ def _write_csv(rows: list[dict], spec: StudySpec, path: Path) -> None:
 
 def _ms(pair) -> str:
     mean, std = pair
-    return "-" if mean is None else f"{mean:.4f} ± {std:.4f}"
+    return "-" if mean is None else f"{mean:.4f}" + ("" if std is None else f" ± {std:.4f}")
 
 
 def _label(name: str) -> str:
@@ -693,7 +694,7 @@ def markdown(doc: dict, spec: StudySpec) -> str:
              + ("" if doc["finished"] else f" (interrupted: {resume} continues)")
              + f" · model {doc['model']} · steps: stage 1 {doc['steps']['ib_gl']}, stage 2 {doc['steps']['gr_cl']}"
              f" · wall time {doc['wall_s']:.0f} s", "",
-             f"Test R@10, mean ± std over seeds (sample std); dev R@10 is the in-domain dev set of training."
+             f"Test R@10, mean ± std over seeds (sample std; a variant with one seed so far: its value); dev R@10 is the in-domain dev set of training."
              + (" Every cell and baseline is scored on the same test sets: " + ", ".join(
                  f"{d} {sets[d]['queries']:,} queries × {sets[d]['passages']:,} passages" for d in spec.domains
                  if d in sets) + "." if sets else "") + f" Test encoding in {spec.eval_dtype}.", "",

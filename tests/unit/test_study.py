@@ -130,6 +130,19 @@ def test_table_and_seed_averaged_significance_from_cells(tmp_path):
     assert plot(list(rows.values()), {"bm25": {"medical": 0.5}}, spec, tmp_path / "s.png").stat().st_size > 5000
 
 
+def test_one_seed_has_no_spread_to_show(tmp_path):
+    """A variant with one finished seed has a value, not a standard deviation of 0 (which would claim no spread)."""
+    cells = write_study(tmp_path, 40, {("lbr", 0): 36, ("lbr", 1): 34, ("cl", 0): 8})
+    spec = StudySpec(target="medical", variants=("lbr", "cl"), seeds=(0, 1), data_root=str(tmp_path))
+    rows = {r["variant"]: r for r in summarize(cells, spec)}
+    assert rows["cl"]["medical"] == (pytest.approx(8 / 40), None) and rows["lbr"]["medical"][1] > 0
+    doc = {"finished": False, "cells_done": 3, "cells_total": 4, "model": "m", "steps": {"ib_gl": 1, "gr_cl": 1},
+           "wall_s": 1.0, "bm25": {}, "significance": [], "table": table(list(rows.values()), spec)}
+    md = markdown(doc, spec)
+    assert "| cl | 0 | 0.2000 | 0.2000 |" in md and "| lbr | 0,1 | 0.8750 ± 0.0354 |" in md
+    assert plot(list(rows.values()), {}, spec, tmp_path / "s.png").stat().st_size > 5000
+
+
 def test_copies_of_a_seed_add_no_significance(tmp_path):
     """Issue 21.1: runs stacked over seeds made every (seed, query) a sample, so the same two runs copied under 1,
     3 and 5 seeds grew "significant"; each query is one sample, its R@10 averaged over the seeds."""

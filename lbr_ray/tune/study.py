@@ -694,7 +694,8 @@ def markdown(doc: dict, spec: StudySpec) -> str:
              + ("" if doc["finished"] else f" (interrupted: {resume} continues)")
              + f" · model {doc['model']} · steps: stage 1 {doc['steps']['ib_gl']}, stage 2 {doc['steps']['gr_cl']}"
              f" · wall time {doc['wall_s']:.0f} s", "",
-             f"Test R@10, mean ± std over seeds (sample std; a variant with one seed so far: its value); dev R@10 is the in-domain dev set of training."
+             "Test R@10, mean ± std over seeds (sample std; a variant with one seed so far: its value); dev R@10 "
+             "is the in-domain dev set of training."
              + (" Every cell and baseline is scored on the same test sets: " + ", ".join(
                  f"{d} {sets[d]['queries']:,} queries × {sets[d]['passages']:,} passages" for d in spec.domains
                  if d in sets) + "." if sets else "") + f" Test encoding in {spec.eval_dtype}.", "",

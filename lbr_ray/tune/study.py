@@ -642,7 +642,7 @@ def write_results(cfg: LbrConfig, spec: StudySpec, study: Path, finished: bool =
     t = tuning_config(cfg)
     doc = {"spec": asdict(spec), "finished": finished, "cells_done": len(cells),
            "cells_total": len(grid_cells(spec)), "metric": METRIC,
-           "steps": {"ib_gl": t.ib_gl.max_steps, "gr_cl": t.gr_cl.max_steps}, "model": cfg.model.name,
+           "steps": {"ib_gl": t.ib_gl.max_steps, "gr_cl": t.gr_cl.max_steps}, "model": as_named(cfg.model.name),
            "wall_s": sum(s["wall_s"] for s in sessions), "sessions": sessions,
            "table": table(rows, spec),
            "bm25": baselines.get("bm25", {}), "baselines": baselines, "eval_sets": sets, "significance": sig,
@@ -654,6 +654,14 @@ def write_results(cfg: LbrConfig, spec: StudySpec, study: Path, finished: bool =
     doc["plot"] = str(plot(rows, baselines, spec, study / "study.png"))
     print(f"[lbr] study: wrote {study}/results.md, results.csv, results.json, study.png", flush=True)
     return doc
+
+
+def as_named(path: str) -> str:
+    """A path under the working directory, relative to it: a committed report names no machine's folders."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:  # a hub name, or a path elsewhere
+        return path
 
 
 def _columns(spec: StudySpec) -> tuple[str, ...]:

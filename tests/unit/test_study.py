@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from lbr_ray.tune.study import (
-    StudySpec, cell_config, check_spec, grid_cells, markdown, parse_variant, plot, significance, spec_from_dict,
+    StudySpec, as_named, cell_config, check_spec, grid_cells, markdown, parse_variant, plot, significance, spec_from_dict,
     summarize, table,
 )
 
@@ -141,6 +141,14 @@ def test_one_seed_has_no_spread_to_show(tmp_path):
     md = markdown(doc, spec)
     assert "| cl | 0 | 0.2000 | 0.2000 |" in md and "| lbr | 0,1 | 0.8750 ± 0.0354 |" in md
     assert plot(list(rows.values()), {}, spec, tmp_path / "s.png").stat().st_size > 5000
+
+
+def test_the_report_names_a_local_model_relative_to_the_working_directory(tmp_path, monkeypatch):
+    """Cells get absolute paths (Ray workers run elsewhere); the committed report keeps the name a clone can use."""
+    monkeypatch.chdir(tmp_path)
+    assert as_named(str(tmp_path / "models" / "smollm2-135m")) == "models/smollm2-135m"
+    assert as_named("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB/SmolLM2-135M"
+    assert as_named(str(tmp_path.parent / "elsewhere")) == str(tmp_path.parent / "elsewhere")
 
 
 def test_copies_of_a_seed_add_no_significance(tmp_path):

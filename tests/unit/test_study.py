@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from lbr_ray.tune.study import (
-    StudySpec, as_named, cell_config, check_spec, grid_cells, markdown, parse_variant, plot, significance, spec_from_dict,
-    summarize, table,
+    StudySpec, as_named, cell_config, check_spec, grid_cells, markdown, parse_variant, plot, significance,
+    spec_from_dict, summarize, table,
 )
 
 

@@ -750,12 +750,14 @@ def markdown(doc: dict, spec: StudySpec) -> str:
 
 def plot(rows: list[dict], baselines: dict, spec: StudySpec, path: Path) -> Path:
     """Test R@10 per variant (bars: mean over seeds, error bars: std), target and held-out domains side by side,
-    each reference ({name: {domain: R@10}}, e.g. BM25) as a line per domain."""
+    each reference ({name: {domain: R@10}}, e.g. BM25) as a line per domain. Variants with no finished seed are left
+    out; the legend sits beside the axes and the saved image grows to hold it."""
     import numpy as np
 
     from lbr_ray.tune.plots import _plt
 
     plt = _plt()
+    rows = [r for r in rows if r["seeds"]]
     domains = list(spec.domains)
     width = 0.8 / max(len(rows), 1)
     fig, ax = plt.subplots(figsize=(2.2 * len(domains) + 3.5, 4.2))
@@ -777,8 +779,7 @@ def plot(rows: list[dict], baselines: dict, spec: StudySpec, path: Path) -> Path
     ax.set_ylim(0, 1.02)
     ax.set_title("Test R@10 per variant: mean ± std over seeds", fontsize=10)
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -143,6 +143,22 @@ def test_one_seed_has_no_spread_to_show(tmp_path):
     assert plot(list(rows.values()), {}, spec, tmp_path / "s.png").stat().st_size > 5000
 
 
+def test_the_plot_holds_a_long_legend_and_leaves_out_variants_without_a_seed(tmp_path):
+    """The saved image grows to hold a long variant name beside the axes (not squeezing or clipping them), and a
+    variant that has no finished seed takes no bar slot or legend entry: the image is as if it were not there."""
+    from matplotlib.image import imread
+
+    cells = write_study(tmp_path, 40, {("lbr", 0): 36, ("cl", 0): 8})
+    spec = StudySpec(target="medical", variants=("lbr", "cl"), seeds=(0,), data_root=str(tmp_path))
+    rows = summarize(cells, spec)
+    long = [dict(r, variant=r["variant"] + "+data.pairs=runs/mined/medical-minilm.jsonl.gz") for r in rows]
+    empty = dict(rows[0], variant="cl+gr_cl.hard_negatives=1" * 3, seeds=[])
+    sizes = {name: imread(plot(r, {}, spec, tmp_path / f"{name}.png")).shape[:2]  # (height, width)
+             for name, r in {"short": rows, "long": long, "with_empty": rows + [empty]}.items()}
+    assert sizes["long"][1] > sizes["short"][1] + 100 and sizes["long"][0] == sizes["short"][0]
+    assert sizes["with_empty"] == sizes["short"]
+
+
 def test_the_report_names_a_local_model_relative_to_the_working_directory(tmp_path, monkeypatch):
     """Cells get absolute paths (Ray workers run elsewhere); the committed report keeps the name a clone can use."""
     monkeypatch.chdir(tmp_path)

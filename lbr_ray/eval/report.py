@@ -11,6 +11,7 @@ from lbr_ray.eval.metrics import DEFAULT_METRICS
 
 LABELS = {"recall@10": "R@10", "ndcg@10": "NDCG@10", "mrr@10": "MRR@10", "recall@100": "R@100"}
 CSV_FIELDS = ("domain", "group", "difficulty", *DEFAULT_METRICS, "n_queries", "corpus_size")
+DIFFICULTIES = ("hard", "moderate", "easy")
 
 
 def table_rows(results: dict) -> list[dict]:
@@ -68,7 +69,7 @@ def markdown(results: dict, title: str | None = None) -> str:
             extra += [f"index {b['bytes_per_vector']:.0f} bytes/passage, " + (
                 "read back" if b["reused"] else f"built in {b['build_seconds']:.0f}s")]
         extra += [f"{r['queries_per_s']:.0f} q/s"]
-        groups = " | ".join(_pair(by.get(g)) for g in ("hard", "moderate", "easy"))
+        groups = " | ".join(_pair(by.get(g)) for g in DIFFICULTIES)
         lines.append(f"| {d} | {r['n_queries']} | {r['corpus_size']} | " + " | ".join(
             _f(by["all"][m]) for m in DEFAULT_METRICS) + f" | {groups} | {'; '.join(extra)} |")
     lines += ["", "## Per pair type", "", "| domain | group | difficulty | queries | R@10 | NDCG@10 | MRR@10 | R@100 |",
@@ -90,15 +91,18 @@ def _f(x) -> str:
     return "-" if x is None or x == "" else f"{x:.4f}"
 
 
-def bar_chart(results: dict, path: str | Path, title: str | None = None) -> None:
-    """Grouped bars: R@10 and NDCG@10 for all / hard / easy queries of each domain."""
+def bar_chart(results: dict, path: str | Path, title: str | None = None) -> list[str]:
+    """Grouped bars: R@10 and NDCG@10 for all queries of each domain and for each difficulty that has queries in
+    some domain (hard / moderate / easy). Returns the series' labels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     domains = list(results["domains"])
-    series = [(g, m) for g in ("all", "hard", "easy") for m in ("recall@10", "ndcg@10")]
+    present = {row["group"] for r in results["domains"].values() for row in r["rows"]}
+    series = [(g, m) for g in ("all", *DIFFICULTIES) if g in present for m in ("recall@10", "ndcg@10")]
+    labels = [f"{g} {LABELS[m]}" for g, m in series]
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(domains)), 4))
     width = 0.8 / len(series)
     for i, (g, m) in enumerate(series):
@@ -107,7 +111,7 @@ def bar_chart(results: dict, path: str | Path, title: str | None = None) -> None
             by = {row["group"]: row for row in results["domains"][d]["rows"]}
             vals.append(by[g][m] if g in by else np.nan)
         ax.bar(np.arange(len(domains)) + (i - len(series) / 2 + 0.5) * width, vals, width,
-               label=f"{g} {LABELS[m]}", alpha=1.0 if g == "all" else 0.75)
+               label=labels[i], alpha=1.0 if g == "all" else 0.75)
     ax.set_xticks(np.arange(len(domains)), domains)
     ax.set_ylim(0, 1)
     ax.set_ylabel("score")
@@ -116,3 +120,4 @@ def bar_chart(results: dict, path: str | Path, title: str | None = None) -> None
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return labels

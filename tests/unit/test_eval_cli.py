@@ -38,6 +38,21 @@ def test_bm25_writes_all_reports(tmp_path):
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_chart_draws_the_difficulties_that_have_queries(tmp_path):
+    """A domain whose non-hard queries are all 'moderate' (medical's HPO term definitions) gets moderate bars, and a
+    difficulty no domain has (here 'easy') gets no empty bar slots."""
+    from lbr_ray.eval.report import bar_chart
+
+    def row(group, r):
+        return {"group": group, "recall@10": r, "ndcg@10": r / 2}
+
+    results = {"model": "m", "domains": {"medical": {"rows": [row("all", 0.9), row("hard", 0.8), row("moderate", 1.0)]},
+                                         "biology": {"rows": [row("all", 0.7), row("moderate", 0.7)]}}}
+    assert bar_chart(results, tmp_path / "r.png") == [
+        "all R@10", "all NDCG@10", "hard R@10", "hard NDCG@10", "moderate R@10", "moderate NDCG@10"]
+    assert (tmp_path / "r.png").stat().st_size > 5000
+
+
 @pytest.mark.parametrize("args,error,match", [
     (["--baseline", "bm25", "--domains", "physics"], EvalSetError, "unknown domain 'physics'"),
     (["--baseline", "nope"], ConfigError, "--baseline must be one of"),

@@ -35,8 +35,8 @@ def preflight(cfg: LbrConfig, init: str | None = None, stages: tuple[str, ...] =
     load_tokenizer(name, cfg.bottleneck.k_max)
     if init:
         check_init(cfg, Path(resolve_model_path(name)))
+    check_fits(cfg, stages)  # `lbr plan`'s estimate: a run that cannot fit the GPUs stops here, before the disk check
     check_output_location(cfg.run.output, checkpoint_bytes(cfg, model_config) * (CHECKPOINTS_KEPT + 1))
-    check_fits(cfg, stages)  # `lbr plan`'s estimate: a run that cannot fit the GPUs stops here
     if "gr_cl" in stages and cfg.gr_cl.cache_chunk:
         check_gradcache(cfg)
     if cfg.run.resume:

@@ -20,10 +20,9 @@ from lbr_ray.eval.baselines import BM25Retriever
 from lbr_ray.eval.encode import Encoded, EncoderRef, encode_many
 from lbr_ray.eval.index import is_exact, search_shards
 from lbr_ray.eval.metrics import DEFAULT_METRICS, ann_recall, per_query_metrics
-from lbr_ray.eval.sets import EvalSet, build_eval_set
+from lbr_ray.eval.sets import DIFFICULTIES, EvalSet, build_eval_set
 
 DOMAINS = ("medical", "chemistry", "code", "biology")
-GROUP_ORDER = ("all", "hard", "moderate", "easy")
 
 
 def default_cache_dir() -> str:
@@ -263,7 +262,7 @@ class RetrievalEvaluator:
         types = np.asarray(eset.query_types)
         diff = np.asarray(eset.query_difficulty)
         groups = [("all", "", np.ones(len(types), bool))]
-        groups += [(g, g, diff == g) for g in GROUP_ORDER[1:] if (diff == g).any()]
+        groups += [(g, g, diff == g) for g in DIFFICULTIES if (diff == g).any()]
         for t in sorted(set(types)):  # a type's difficulty: the most common one of its queries
             groups.append((f"type:{t}", Counter(diff[types == t]).most_common(1)[0][0], types == t))
         rows = []

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 
 from lbr_ray.eval.metrics import DEFAULT_METRICS
+from lbr_ray.eval.sets import DIFFICULTIES
 
 LABELS = {"recall@10": "R@10", "ndcg@10": "NDCG@10", "mrr@10": "MRR@10", "recall@100": "R@100"}
 CSV_FIELDS = ("domain", "group", "difficulty", *DEFAULT_METRICS, "n_queries", "corpus_size")
-DIFFICULTIES = ("hard", "moderate", "easy")
 
 
 def table_rows(results: dict) -> list[dict]:
@@ -100,16 +100,14 @@ def bar_chart(results: dict, path: str | Path, title: str | None = None) -> list
     import matplotlib.pyplot as plt
 
     domains = list(results["domains"])
-    present = {row["group"] for r in results["domains"].values() for row in r["rows"]}
-    series = [(g, m) for g in ("all", *DIFFICULTIES) if g in present for m in ("recall@10", "ndcg@10")]
+    by = {d: {row["group"]: row for row in r["rows"]} for d, r in results["domains"].items()}
+    series = [(g, m) for g in ("all", *DIFFICULTIES) if any(g in groups for groups in by.values())
+              for m in ("recall@10", "ndcg@10")]
     labels = [f"{g} {LABELS[m]}" for g, m in series]
     fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(domains)), 4))
     width = 0.8 / len(series)
     for i, (g, m) in enumerate(series):
-        vals = []
-        for d in domains:
-            by = {row["group"]: row for row in results["domains"][d]["rows"]}
-            vals.append(by[g][m] if g in by else np.nan)
+        vals = [by[d][g][m] if g in by[d] else np.nan for d in domains]
         ax.bar(np.arange(len(domains)) + (i - len(series) / 2 + 0.5) * width, vals, width,
                label=labels[i], alpha=1.0 if g == "all" else 0.75)
     ax.set_xticks(np.arange(len(domains)), domains)

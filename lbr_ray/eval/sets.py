@@ -31,6 +31,9 @@ class EvalSetError(LbrError):
     """A domain cannot be turned into an evaluation set (unknown domain, no test queries, empty corpus)."""
 
 
+DIFFICULTIES = ("hard", "moderate", "easy")  # what difficulty() returns, in report order
+
+
 def difficulty(pair_type: str, source: str = "") -> str:
     """'easy' (term_ctx, section), 'moderate' (HPO/GO term_def) or 'hard' (qa, docstring_code, manpage, ...)."""
     if pair_type in EASY_TYPES:

@@ -79,19 +79,26 @@ def run_file(folder: str | Path, domain: str) -> Path:
 
 # --- the spec and config, with local paths relative to the results folder (a clone elsewhere resolves them) ---
 
+def portable_spec(results: Path, spec_dict: dict) -> dict:
+    """The spec as committed to `results`: no `results` path, an absolute data_root relative to the folder."""
+    spec = {**spec_dict, "results": "", RELATIVE: []}
+    if os.path.isabs(spec["data_root"]):
+        spec["data_root"], spec[RELATIVE] = os.path.relpath(spec["data_root"], Path(results).resolve()), ["data_root"]
+    return spec
+
+
 def save_spec(results: Path, cfg, spec_dict: dict) -> None:
     """study.json and sweep_config.yaml of `cfg` (an LbrConfig) and the spec, local paths relative to `results`."""
     from lbr_ray.config import replace, save_config
 
     results = Path(results).resolve()
     results.mkdir(parents=True, exist_ok=True)
-    spec, moved = {**spec_dict, "results": ""}, []
+    spec = portable_spec(results, spec_dict)
+    moved = spec.pop(RELATIVE)
 
     def rel(path: str) -> str:
         return os.path.relpath(path, results)
 
-    if os.path.isabs(spec["data_root"]):
-        spec["data_root"], moved = rel(spec["data_root"]), moved + ["data_root"]
     data = {}
     for key in ("pairs", "corpus"):
         paths = getattr(cfg.data, key)
@@ -157,5 +164,5 @@ def git_commit(paths: list[Path], message: str, attempts: int = 10, log=print) -
     return False
 
 
-__all__ = ["RESULTS_DEPTH", "cell_dir", "committed", "committed_cells", "save_cell", "run_file", "save_spec",
-           "load_spec", "git_commit"]
+__all__ = ["RESULTS_DEPTH", "cell_dir", "committed", "committed_cells", "save_cell", "run_file", "portable_spec",
+           "save_spec", "load_spec", "git_commit"]

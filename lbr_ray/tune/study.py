@@ -31,7 +31,8 @@ from pathlib import Path
 
 from lbr_ray.config import LbrConfig, config_from_dict, replace, save_config, to_dict
 from lbr_ray.errors import ConfigError
-from lbr_ray.tune.results import RESULTS_DEPTH
+from lbr_ray.tune.results import (RELATIVE, RESULTS_DEPTH, committed, committed_cells, git_commit, load_spec,
+                                  portable_spec, run_file, save_cell, save_spec)
 
 VARIANTS = {"lbr": ("lbr", False), "gl-cl": ("gl-cl", False), "cl": ("cl", False), "cl-mc": ("cl", True)}
 STAT_TESTS = ("fisher", "student")
@@ -67,7 +68,7 @@ class StudySpec:
 
 
 def spec_from_dict(d: dict) -> StudySpec:
-    d = {k: v for k, v in d.items() if k != "domains"}
+    d = {k: v for k, v in d.items() if k not in ("domains", RELATIVE)}
     for key in ("variants", "seeds", "heldout", "baselines"):
         if key in d:
             d[key] = tuple(d[key] or ())
@@ -225,7 +226,6 @@ def study_cell(params: dict, base: dict, study: str, spec: dict, quiet: bool = T
 
     from lbr_ray.recipes.pipeline import train
     from lbr_ray.tune.cleanup import RecordPlacementGroup
-    from lbr_ray.tune.results import committed
     from lbr_ray.tune.search import _write_json
     from lbr_ray.tune.stage1 import ensure_stage1
 
@@ -270,8 +270,6 @@ def study_cell(params: dict, base: dict, study: str, spec: dict, quiet: bool = T
 def keep_cell(results: Path, cell: Path, doc: dict, commit: bool) -> None:
     """A finished cell's small files into the results folder, and (commit) exactly that folder into git, the commit
     message naming the cell and its test R@10."""
-    from lbr_ray.tune.results import git_commit, save_cell
-
     folder = save_cell(results, cell, doc)
     if commit:
         scores = ", ".join(f"{d} {m[METRIC]:.4f}" for d, m in doc["test"].items())
@@ -362,7 +360,6 @@ def check_study_folder(study: Path, resume: bool, results: str = "") -> bool:
 def load_study(study: Path, results: str | Path | None = None) -> tuple[LbrConfig, StudySpec]:
     """The study's config and spec: from its folder, else (a fresh clone) from its committed results folder."""
     from lbr_ray.config import load_config
-    from lbr_ray.tune.results import load_spec
 
     if (study / SPEC).is_file():
         cfg, spec = load_config(study / "sweep_config.yaml"), json.loads((study / SPEC).read_text())
@@ -386,7 +383,6 @@ def run_study(cfg: LbrConfig, spec: StudySpec, study: str | Path, resume: bool =
 
     from lbr_ray.train.launcher import ensure_ray, print_config
     from lbr_ray.tune.cleanup import remove_recorded
-    from lbr_ray.tune.results import committed, save_spec
     from lbr_ray.tune.search import EXPERIMENT, tune_verbosity
     from lbr_ray.tune.space import tuning_config
 
@@ -447,8 +443,6 @@ def run_study(cfg: LbrConfig, spec: StudySpec, study: str | Path, resume: bool =
 
 def _commit(commit: bool, paths: list[Path], message: str) -> None:
     if commit:
-        from lbr_ray.tune.results import git_commit
-
         git_commit(paths, message)
 
 
@@ -537,8 +531,6 @@ def run_baselines(cfg: LbrConfig, spec: StudySpec, study: Path, methods: dict, c
 def read_cells(study: Path, results: str = "") -> list[dict]:
     """The finished cells, each with `runs` (the folder of its TREC runs): the study's own and those committed to
     `results`; a cell in both is taken from `results`, so that every clone reports the same numbers."""
-    from lbr_ray.tune.results import committed_cells
-
     cells = {}
     for path in sorted((study / "cells").glob(f"*/{CELL}")):
         doc = json.loads(path.read_text())
@@ -578,7 +570,6 @@ def significance(cells: list[dict], spec: StudySpec, study: Path) -> list[dict]:
     over those seeds, then a paired test over the queries (lbr_ray.eval.trec.paired_significance); then control
     minus each baseline (one run, scored on the same queries) over all of the control's seeds."""
     from lbr_ray.eval.trec import paired_significance, read_qrels, read_run
-    from lbr_ray.tune.results import run_file
 
     if spec.control not in spec.variants:
         return []
@@ -616,8 +607,9 @@ def rescore(study: Path) -> dict:
     if not (study / "results.json").is_file():
         raise ConfigError(f"{study} holds no results.json to rescore: check --output (a study that has ended)")
     doc = json.loads((study / "results.json").read_text())
-    spec = spec_from_dict(doc["spec"])
-    doc["significance"] = significance(read_cells(study, spec.results), spec, study)
+    spec = json.loads((study / SPEC).read_text()) if (study / SPEC).is_file() else doc["spec"]
+    spec = spec_from_dict(load_spec(study)[1] if RELATIVE in spec else spec)  # a results folder: resolved
+    doc["spec"], doc["significance"] = recorded_spec(spec), significance(read_cells(study, spec.results), spec, study)
     (study / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     (study / "results.md").write_text(markdown(doc, spec))
     print(f"[lbr] study: rescored {len(doc['significance'])} comparisons into {study}/results.md, results.json",
@@ -640,7 +632,7 @@ def write_results(cfg: LbrConfig, spec: StudySpec, study: Path, finished: bool =
     log = Path(spec.results or study) / "sessions.jsonl"
     sessions = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
     t = tuning_config(cfg)
-    doc = {"spec": asdict(spec), "finished": finished, "cells_done": len(cells),
+    doc = {"spec": recorded_spec(spec), "finished": finished, "cells_done": len(cells),
            "cells_total": len(grid_cells(spec)), "metric": METRIC,
            "steps": {"ib_gl": t.ib_gl.max_steps, "gr_cl": t.gr_cl.max_steps}, "model": as_named(cfg.model.name),
            "wall_s": sum(s["wall_s"] for s in sessions), "sessions": sessions,
@@ -654,6 +646,11 @@ def write_results(cfg: LbrConfig, spec: StudySpec, study: Path, finished: bool =
     doc["plot"] = str(plot(rows, baselines, spec, study / "study.png"))
     print(f"[lbr] study: wrote {study}/results.md, results.csv, results.json, study.png", flush=True)
     return doc
+
+
+def recorded_spec(spec: StudySpec) -> dict:
+    """The spec as results.json records it: with a results folder, as committed there (no machine's folders)."""
+    return portable_spec(Path(spec.results), asdict(spec)) if spec.results else asdict(spec)
 
 
 def as_named(path: str) -> str:

@@ -213,6 +213,36 @@ def test_rescore_recomputes_a_studys_significance(tmp_path):
     assert isinstance(bad.exception, ConfigError) and "holds no results.json to rescore" in str(bad.exception)
 
 
+def test_a_committed_results_folder_rescores_in_a_clone_elsewhere(tmp_path):
+    """results.json records the spec as committed (no machine's folders), and rescore reads the folder's own
+    study.json, so a clone at another path rescores an older report whose spec named the first machine's paths."""
+    import shutil
+    from dataclasses import asdict
+
+    from lbr_ray.config import load_config
+    from lbr_ray.tune.results import save_spec
+    from lbr_ray.tune.study import rescore, write_results
+
+    results = tmp_path / "a" / "repo" / "results"
+    write_study(results, 40, {("lbr", 0): 36, ("cl", 0): 8})
+    spec = StudySpec(target="medical", variants=("lbr", "cl"), seeds=(0,), data_root=str(tmp_path / "a" / "data"),
+                     baselines=(), results=str(results))
+    save_spec(results, load_config("configs/demo.yaml"), asdict(spec))
+    doc = write_results(load_config("configs/demo.yaml"), spec, results)
+    assert doc["spec"]["results"] == "" and doc["spec"]["data_root"] == "../../data"
+    assert str(tmp_path) not in (results / "results.json").read_text()
+    old = json.loads((results / "results.json").read_text())
+    old["spec"], old["significance"] = asdict(spec), []  # as an older lbr wrote it: this machine's paths
+    (results / "results.json").write_text(json.dumps(old))
+    clone = tmp_path / "b" / "repo" / "results"
+    shutil.copytree(results, clone)
+    shutil.rmtree(tmp_path / "a")
+    new = rescore(clone)
+    assert new["spec"] == doc["spec"] and new["significance"] == doc["significance"]
+    assert new["significance"][0]["treatment"] == "cl" and new["significance"][0]["p_value"] < 1e-3
+    assert str(tmp_path) not in (clone / "results.json").read_text()
+
+
 def test_trec_files_round_trip_and_read_with_ranx(tmp_path):
     import numpy as np
     from ranx import Qrels, Run

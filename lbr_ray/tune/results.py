@@ -112,14 +112,17 @@ def save_spec(results: Path, cfg, spec_dict: dict) -> None:
     save_config(replace(cfg, data=data, model=model), results / "sweep_config.yaml")
 
 
-def load_spec(results: Path) -> tuple:
-    """(LbrConfig, spec dict) of a results folder, its relative paths resolved against the folder."""
+def load_spec(folder: Path) -> tuple:
+    """(LbrConfig, spec dict) of a study's run folder (as written) or of a committed results folder (one with
+    `relative_paths`: those resolved against the folder, and `results` the folder itself)."""
     from lbr_ray.config import load_config, replace
 
-    results = Path(results).resolve()
+    results = Path(folder).resolve()
     spec = json.loads((results / "study.json").read_text())
     cfg = load_config(results / "sweep_config.yaml")
-    moved = spec.pop(RELATIVE, [])
+    if RELATIVE not in spec:
+        return cfg, spec
+    moved = spec.pop(RELATIVE)
 
     def absolute(path: str) -> str:
         return os.path.normpath(os.path.join(results, path))

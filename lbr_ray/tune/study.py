@@ -359,10 +359,8 @@ def check_study_folder(study: Path, resume: bool, results: str = "") -> bool:
 
 def load_study(study: Path, results: str | Path | None = None) -> tuple[LbrConfig, StudySpec]:
     """The study's config and spec: from its folder, else (a fresh clone) from its committed results folder."""
-    from lbr_ray.config import load_config
-
     if (study / SPEC).is_file():
-        cfg, spec = load_config(study / "sweep_config.yaml"), json.loads((study / SPEC).read_text())
+        cfg, spec = load_spec(study)
         if results:
             spec["results"] = str(Path(results).expanduser().resolve())
     else:
@@ -607,8 +605,7 @@ def rescore(study: Path) -> dict:
     if not (study / "results.json").is_file():
         raise ConfigError(f"{study} holds no results.json to rescore: check --output (a study that has ended)")
     doc = json.loads((study / "results.json").read_text())
-    spec = json.loads((study / SPEC).read_text()) if (study / SPEC).is_file() else doc["spec"]
-    spec = spec_from_dict(load_spec(study)[1] if RELATIVE in spec else spec)  # a results folder: resolved
+    spec = spec_from_dict(load_spec(study)[1] if (study / SPEC).is_file() else doc["spec"])
     doc["spec"], doc["significance"] = recorded_spec(spec), significance(read_cells(study, spec.results), spec, study)
     (study / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     (study / "results.md").write_text(markdown(doc, spec))

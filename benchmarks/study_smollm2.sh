@@ -27,10 +27,13 @@ study() {  # target heldout seeds variants: a new study, or the committed one re
   fi
 }
 
-[ -f $MINED ] || $LBR mine ../shared/data/medical --baseline minilm --output $MINED
-study medical biology 0,1,2 "lbr,gl-cl,cl,cl-mc,lbr+$HN@0/1,cl+$HN@0/1,lbr+bottleneck.k=1@0,lbr+bottleneck.k=4@0"
-# An interrupted study (`kill -INT` of lbr study: it writes and commits the report, then exits 0) stops the script here
-# too, so that chemistry starts only after the whole medical grid, as the grid's order asks.
-python3 -c 'import json, sys; sys.exit(not json.load(open(sys.argv[1]))["finished"])' \
-    benchmarks/results/study_smollm2_medical/results.json || { echo "== medical not finished: chemistry waits"; exit 0; }
+finished() { python3 -c 'import json, sys; sys.exit(not json.load(open(sys.argv[1]))["finished"])' "$1" 2>/dev/null; }
+
+if ! finished benchmarks/results/study_smollm2_medical/results.json; then  # the mined pairs serve medical cells only
+  [ -f $MINED ] || $LBR mine ../shared/data/medical --baseline minilm --output $MINED
+  study medical biology 0,1,2 "lbr,gl-cl,cl,cl-mc,lbr+$HN@0/1,cl+$HN@0/1,lbr+bottleneck.k=1@0,lbr+bottleneck.k=4@0"
+  # An interrupted study (`kill -INT` of lbr study: it writes and commits the report, then exits 0) stops the script
+  # here too, so that chemistry starts only after the whole medical grid, as the grid's order asks.
+  finished benchmarks/results/study_smollm2_medical/results.json || { echo "== chemistry waits"; exit 0; }
+fi
 study chemistry medical 0,1 "lbr,cl,cl-mc"

@@ -94,7 +94,7 @@ def save_spec(results: Path, cfg, spec_dict: dict) -> None:
     results = Path(results).resolve()
     results.mkdir(parents=True, exist_ok=True)
     spec = portable_spec(results, spec_dict)
-    moved = spec.pop(RELATIVE)
+    moved = spec[RELATIVE]
 
     def rel(path: str) -> str:
         return os.path.relpath(path, results)
@@ -103,11 +103,12 @@ def save_spec(results: Path, cfg, spec_dict: dict) -> None:
     for key in ("pairs", "corpus"):
         paths = getattr(cfg.data, key)
         if paths and all(os.path.isabs(p) for p in paths):
-            data[key], moved = tuple(rel(p) for p in paths), moved + [f"data.{key}"]
+            data[key] = tuple(rel(p) for p in paths)
+            moved.append(f"data.{key}")
     model = {}
     if os.path.isabs(cfg.model.name) and os.path.exists(cfg.model.name):
-        model["name"], moved = rel(cfg.model.name), moved + ["model.name"]
-    spec[RELATIVE] = moved
+        model["name"] = rel(cfg.model.name)
+        moved.append("model.name")
     (results / "study.json").write_text(json.dumps(spec, indent=2) + "\n")
     save_config(replace(cfg, data=data, model=model), results / "sweep_config.yaml")
 

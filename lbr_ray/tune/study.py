@@ -605,8 +605,12 @@ def rescore(study: Path) -> dict:
     if not (study / "results.json").is_file():
         raise ConfigError(f"{study} holds no results.json to rescore: check --output (a study that has ended)")
     doc = json.loads((study / "results.json").read_text())
-    spec = spec_from_dict(load_spec(study)[1] if (study / SPEC).is_file() else doc["spec"])
-    doc["spec"], doc["significance"] = recorded_spec(spec), significance(read_cells(study, spec.results), spec, study)
+    if (study / SPEC).is_file():
+        spec = spec_from_dict(load_spec(study)[1])
+        doc["spec"] = recorded_spec(spec)
+    else:  # results.json alone: its spec stays as recorded (relative paths and their marker kept)
+        spec = spec_from_dict(doc["spec"])
+    doc["significance"] = significance(read_cells(study, spec.results), spec, study)
     (study / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     (study / "results.md").write_text(markdown(doc, spec))
     print(f"[lbr] study: rescored {len(doc['significance'])} comparisons into {study}/results.md, results.json",

@@ -241,6 +241,10 @@ def test_a_committed_results_folder_rescores_in_a_clone_elsewhere(tmp_path):
     assert new["spec"] == doc["spec"] and new["significance"] == doc["significance"]
     assert new["significance"][0]["treatment"] == "cl" and new["significance"][0]["p_value"] < 1e-3
     assert str(tmp_path) not in (clone / "results.json").read_text()
+    before = (clone / "results.json").read_text()
+    (clone / "study.json").unlink()  # results.json alone: rescored with its spec kept as recorded
+    rescore(clone)
+    assert (clone / "results.json").read_text() == before and '"relative_paths"' in before
 
 
 def test_trec_files_round_trip_and_read_with_ranx(tmp_path):

@@ -56,14 +56,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _encoder():
+def _encoder():  # float64: the sharded and the single-process sums differ in order, not beyond rounding
     torch.manual_seed(0)
-    return torch.nn.Linear(8, 6)
+    return torch.nn.Linear(8, 6, dtype=torch.float64)
 
 
 def _data():
     g = torch.Generator().manual_seed(1)
-    q, p, n = torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g), torch.randn(8, 8, generator=g)
+    q, p, n = (torch.randn(8, 8, generator=g, dtype=torch.float64) for _ in range(3))
     p[5] = p[1]  # the same positive on both ranks (rank 0 row 1, rank 1 row 1)
     n[6] = p[2]  # a hard negative that is another row's positive
     q[7] = q[3]  # the same query on both ranks (rank 0 row 3, rank 1 row 3), with different positives

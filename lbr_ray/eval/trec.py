@@ -27,13 +27,19 @@ def doc_id(doc: str) -> str:
     return re.sub(r"\s+", "_", str(doc)) or "_"
 
 
+def qrels_of(eset) -> dict[str, dict[str, int]]:
+    """The eval set's relevance judgements, {query id: {doc id: 1}}, as read_qrels reads them from a file."""
+    qrels: dict[str, dict[str, int]] = {}
+    for q, rel in zip(eset.queries, eset.qrels):
+        qrels.setdefault(query_id(q), {}).update({doc_id(eset.doc_ids[int(d)]): 1 for d in rel})
+    return qrels
+
+
 def write_qrels(eset, path: str | Path) -> Path:
     """The eval set's relevance judgements as a TREC qrels file (written atomically)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    lines = [f"{query_id(q)} 0 {doc_id(eset.doc_ids[int(d)])} 1" for q, rel in zip(eset.queries, eset.qrels)
-             for d in rel]
-    _write(path, lines)
+    _write(path, [f"{q} 0 {d} 1" for q, rel in qrels_of(eset).items() for d in rel])
     return path
 
 

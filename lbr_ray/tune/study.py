@@ -209,12 +209,32 @@ def evaluate_cell(model_dir: Path, cfg: LbrConfig, spec: StudySpec, study: Path,
         write_run(eset, res.pop("top"), res.pop("scores"), cell / "runs" / f"{domain}.trec", tag)
         if not (study / "qrels" / f"{domain}.trec").is_file():
             write_qrels(eset, study / "qrels" / f"{domain}.trec")
-        groups = {r["group"]: r for r in res["rows"]}
-        out[domain] = {k: v for k, v in groups["all"].items() if k not in ("group", "difficulty")}
-        if "hard" in groups:  # the lexically easy pair types (term_ctx, section) left out
-            out[domain].update({f"hard_{METRIC}": groups["hard"][METRIC], "hard_queries": groups["hard"]["n_queries"]})
+        out[domain] = domain_metrics(res["rows"])
     write_reports(results, cell / "test", title=f"Test split: study cell {tag}")
     return out
+
+
+def domain_metrics(rows: list[dict]) -> dict:
+    """One domain's evaluation rows as a study keeps them (cells and baselines alike): group all's metrics, the
+    number of hard-type queries and, where there are any, their R@10 (the lexically easy term_ctx and section pairs
+    left out)."""
+    groups = {r["group"]: r for r in rows}
+    out = {k: v for k, v in groups["all"].items() if k not in ("group", "difficulty")}
+    out["hard_queries"] = groups["hard"]["n_queries"] if "hard" in groups else 0
+    if "hard" in groups:
+        out[f"hard_{METRIC}"] = groups["hard"][METRIC]
+    return out
+
+
+def hard_metrics(eset, run: Path) -> dict:
+    """domain_metrics' hard-type entries from a TREC run (a baseline that an older lbr scored on group all only)."""
+    from lbr_ray.eval.trec import per_query, qrels_of, query_id, read_run
+
+    hard = {query_id(q) for q, level in zip(eset.queries, eset.query_difficulty) if level == "hard"}
+    if not hard:
+        return {"hard_queries": 0}
+    scores = per_query({q: rel for q, rel in qrels_of(eset).items() if q in hard}, read_run(run))
+    return {"hard_queries": len(hard), f"hard_{METRIC}": sum(scores.values()) / len(scores)}
 
 
 def study_cell(params: dict, base: dict, study: str, spec: dict, quiet: bool = True, commit: bool = False,
@@ -500,7 +520,8 @@ def baseline_dir(spec: StudySpec, study: Path, name: str) -> Path:
 
 def run_baselines(cfg: LbrConfig, spec: StudySpec, study: Path, methods: dict, commit: bool = False) -> None:
     """Each baseline on the same test sets as the cells, once per study: TREC runs and metrics.json in
-    <study>/<name>/ and (gzipped) <results>/baselines/<name>/."""
+    <study>/<name>/ and (gzipped) <results>/baselines/<name>/. A baseline that an older lbr scored on group all only
+    gets its hard-type R@10 from its runs."""
     from lbr_ray.eval.evaluator import RetrievalEvaluator
     from lbr_ray.eval.trec import copy_trec, write_run
 
@@ -508,20 +529,31 @@ def run_baselines(cfg: LbrConfig, spec: StudySpec, study: Path, methods: dict, c
                             log=lambda msg: None)
     for name, method in methods.items():
         folder = baseline_dir(spec, study, name)
+        older = []
         if not (folder / "metrics.json").is_file():
             print(f"[lbr] study: baseline {name} on the test sets of {', '.join(spec.domains)}", flush=True)
             res = ev.evaluate(method, name)
             metrics = {}
             for domain, r in res["domains"].items():
                 write_run(ev.eval_set(domain), r.pop("top"), r.pop("scores"), folder / f"{domain}.trec", name)
-                metrics[domain] = {k: v for k, v in r["rows"][0].items() if k not in ("group", "difficulty")}
+                metrics[domain] = domain_metrics(r["rows"])
             (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        else:
+            metrics = json.loads((folder / "metrics.json").read_text())
+            older = [d for d in spec.domains if d in metrics and "hard_queries" not in metrics[d]]
+            for domain in older:
+                metrics[domain].update(hard_metrics(ev.eval_set(domain), run_file(folder, domain)))
+            if older:
+                (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         committed = Path(spec.results) / "baselines" / name if spec.results else None
         if committed and folder != committed:
             for domain in spec.domains:
                 copy_trec(folder / f"{domain}.trec", committed / f"{domain}.trec.gz", RESULTS_DEPTH)
             shutil.copyfile(folder / "metrics.json", committed / "metrics.json")
             _commit(commit, [committed], f"study {Path(spec.results).name}: baseline {name} on the test sets")
+        elif committed and older:
+            _commit(commit, [committed], f"study {Path(spec.results).name}: baseline {name}, hard query types' "
+                                         f"R@10 on {', '.join(older)} from its runs")
 
 
 # --- analysis ----------------------------------------------------------------------------------------------------
@@ -624,11 +656,13 @@ def write_results(cfg: LbrConfig, spec: StudySpec, study: Path, finished: bool =
     cells = sorted(read_cells(study, spec.results), key=lambda c: (str(c["variant"]), c["seed"]))
     rows = summarize(cells, spec)
     sig = significance(cells, spec, study)
-    baselines = {}
+    baselines, baselines_hard = {}, {}
     for name in spec.baselines:
         path = baseline_dir(spec, study, name) / "metrics.json"
         if path.is_file():
-            baselines[name] = {d: m[METRIC] for d, m in json.loads(path.read_text()).items()}
+            metrics = json.loads(path.read_text())
+            baselines[name] = {d: m[METRIC] for d, m in metrics.items()}
+            baselines_hard[name] = {d: m[f"hard_{METRIC}"] for d, m in metrics.items() if f"hard_{METRIC}" in m}
     sets = json.loads((study / "eval_sets.json").read_text()) if (study / "eval_sets.json").is_file() else {}
     log = Path(spec.results or study) / "sessions.jsonl"
     sessions = [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
@@ -637,8 +671,8 @@ def write_results(cfg: LbrConfig, spec: StudySpec, study: Path, finished: bool =
            "cells_total": len(grid_cells(spec)), "metric": METRIC,
            "steps": {"ib_gl": t.ib_gl.max_steps, "gr_cl": t.gr_cl.max_steps}, "model": as_named(cfg.model.name),
            "wall_s": sum(s["wall_s"] for s in sessions), "sessions": sessions,
-           "table": table(rows, spec),
-           "bm25": baselines.get("bm25", {}), "baselines": baselines, "eval_sets": sets, "significance": sig,
+           "table": table(rows, spec), "bm25": baselines.get("bm25", {}), "baselines": baselines,
+           "baselines_hard": baselines_hard, "eval_sets": sets, "significance": sig,
            "cells": [{k: c.get(k) for k in ("cell", "variant", "seed", "dev_recall@10", "dev_bm25_recall@10",
                                             "stage2_steps", "stage1_reused", "cell_s", "test")} for c in cells]}
     (study / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
@@ -726,6 +760,8 @@ def markdown(doc: dict, spec: StudySpec) -> str:
                   "|---|" + "---|" * len(hard)]
         lines += [f"| {r['variant']} | " + " | ".join(_ms((r[f'{d}:hard']['mean'], r[f'{d}:hard']['std']))
                                                       for d in hard) + " |" for r in doc["table"]]
+        lines += [f"| {_label(name)} | " + " | ".join(f"{scores[d]:.4f}" if d in scores else "-" for d in hard) + " |"
+                  for name, scores in doc.get("baselines_hard", {}).items() if any(d in scores for d in hard)]
     if doc["significance"]:
         test = TEST_NAMES.get(spec.stat_test, spec.stat_test)
         lines += ["", f"Significance of {spec.control} minus each variant on per-query R@10: each query's R@10 "

@@ -121,12 +121,13 @@ def test_table_and_seed_averaged_significance_from_cells(tmp_path):
     # per query, seed-averaged: q0-7 both 1.0, q8-11 lbr 1.0 / cl 0.5, q12-33 1.0 / 0, q34-35 0.5 / 0, q36-39 0 / 0
     assert (sig[0]["wins"], sig[0]["ties"], sig[0]["losses"]) == (28, 12, 0)
     doc = {"finished": True, "cells_done": 4, "cells_total": 4, "model": "m", "steps": {"ib_gl": 1, "gr_cl": 1},
-           "wall_s": 1.0, "bm25": {"medical": 0.5}, "significance": sig,
-           "table": table(list(rows.values()), spec)}
+           "wall_s": 1.0, "bm25": {"medical": 0.5}, "baselines_hard": {"bm25": {"medical": 0.25}},
+           "significance": sig, "table": table(list(rows.values()), spec)}
     md = markdown(doc, spec)
     assert "| lbr | 0,1 | 0.8750 ± 0.0354" in md and "| medical | cl | 0,1 | 40 | +0.6250 | 28/12/0" in md
     assert "averaged over the seeds both ran, then Fisher's randomization test" in md
     assert "Hard query types only" in md and "| lbr | 0.4375 ± 0.0177 |" in md
+    assert "| BM25 (reference) | 0.2500 |" in md  # the references' hard-type R@10 below the variants'
     assert plot(list(rows.values()), {"bm25": {"medical": 0.5}}, spec, tmp_path / "s.png").stat().st_size > 5000
 
 

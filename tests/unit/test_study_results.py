@@ -144,6 +144,18 @@ def test_a_fresh_clone_reports_over_the_committed_cells_without_training(tmp_pat
             metrics = json.loads((results / "baselines" / name / "metrics.json").read_text())[domain]
             assert metrics["n_queries"] == len(qrels)
             assert metrics["corpus_size"] == doc["eval_sets"][domain]["passages"]
+            assert metrics["hard_queries"] > 0 and doc["baselines_hard"][name][domain] == metrics["hard_recall@10"]
+    # baselines committed by an older lbr (group all only): a resume takes their hard types' R@10 from their runs,
+    # which gives what the evaluator scored
+    scored = {n: json.loads((results / "baselines" / n / "metrics.json").read_text()) for n in ("bm25", "base")}
+    for name, metrics in scored.items():
+        older = {d: {k: v for k, v in m.items() if not k.startswith("hard_")} for d, m in metrics.items()}
+        (results / "baselines" / name / "metrics.json").write_text(json.dumps(older))
+    doc = run_study(cfg2, spec2, tmp_path / "clone2-runs" / "study", resume=True)
+    for name, metrics in scored.items():
+        again = json.loads((results / "baselines" / name / "metrics.json").read_text())
+        assert again.keys() == metrics.keys() and all(again[d] == pytest.approx(metrics[d]) for d in metrics)
+        assert doc["baselines_hard"][name] == pytest.approx({d: m["hard_recall@10"] for d, m in metrics.items()})
     md = (results / "results.md").read_text()
     assert "| BM25 (reference) | - |" in md and "| base model, untrained (reference) | - |" in md
     assert "| medical | base model, untrained (reference) | 0,1 | 20 |" in md

@@ -220,9 +220,10 @@ def domain_metrics(rows: list[dict]) -> dict:
     left out)."""
     groups = {r["group"]: r for r in rows}
     out = {k: v for k, v in groups["all"].items() if k not in ("group", "difficulty")}
-    out["hard_queries"] = groups["hard"]["n_queries"] if "hard" in groups else 0
-    if "hard" in groups:
-        out[f"hard_{METRIC}"] = groups["hard"][METRIC]
+    hard = groups.get("hard")
+    out["hard_queries"] = hard["n_queries"] if hard else 0
+    if hard:
+        out[f"hard_{METRIC}"] = hard[METRIC]
     return out
 
 
@@ -529,22 +530,21 @@ def run_baselines(cfg: LbrConfig, spec: StudySpec, study: Path, methods: dict, c
                             log=lambda msg: None)
     for name, method in methods.items():
         folder = baseline_dir(spec, study, name)
-        older = []
-        if not (folder / "metrics.json").is_file():
+        fresh, older = not (folder / "metrics.json").is_file(), []
+        if fresh:
             print(f"[lbr] study: baseline {name} on the test sets of {', '.join(spec.domains)}", flush=True)
             res = ev.evaluate(method, name)
             metrics = {}
             for domain, r in res["domains"].items():
                 write_run(ev.eval_set(domain), r.pop("top"), r.pop("scores"), folder / f"{domain}.trec", name)
                 metrics[domain] = domain_metrics(r["rows"])
-            (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         else:
             metrics = json.loads((folder / "metrics.json").read_text())
             older = [d for d in spec.domains if d in metrics and "hard_queries" not in metrics[d]]
             for domain in older:
                 metrics[domain].update(hard_metrics(ev.eval_set(domain), run_file(folder, domain)))
-            if older:
-                (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        if fresh or older:
+            (folder / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         committed = Path(spec.results) / "baselines" / name if spec.results else None
         if committed and folder != committed:
             for domain in spec.domains:
